@@ -1,0 +1,1 @@
+"""The algorithm core: pure torch, no Ray, testable without a cluster."""

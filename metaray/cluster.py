@@ -1,0 +1,42 @@
+"""Connecting to Ray: an embedded local instance by default, or a named cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+EMBEDDED_NODE_IP = os.environ.get("METARAY_NODE_IP", "127.0.0.2")
+"""Loopback address for the embedded instance (127.0.0.1 is rewritten by Ray)."""
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
+    """Connect for the duration of a command; shut down only what we started.
+
+    ``address`` (or ``RAY_ADDRESS``) names a cluster: ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:PORT``. Without one, an embedded instance on loopback is started with
+    enough CPUs for every worker to be placed.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():  # a caller (a test, a notebook) already connected
+        yield
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            num_cpus=max(int(os.cpu_count() or 1), int(num_cpus + 0.999)),
+            include_dashboard=False,
+            _node_ip_address=EMBEDDED_NODE_IP,
+            object_store_memory=int(os.environ.get("METARAY_OBJECT_STORE_BYTES", 300 * 1024**2)),
+            logging_level=logging.WARNING,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,250 @@
+"""Typed, validated run configuration.
+
+A config is a YAML file or the name of a preset shipped in ``metaray/presets``, plus
+``--set key.path=value`` overrides. Everything is validated before anything runs, so a
+typo fails in a second with the field's name rather than an hour into a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Algorithm = Literal["reptile", "fomaml", "maml"]
+
+
+class ConfigError(ValueError):
+    """Bad user input: one message naming the file, the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    family: str = "navigation2d"
+    """A built-in family (cartpole, navigation2d, bandit) or an import path module:Class."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the family's constructor."""
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from metaray.tasks import resolve_family_class
+
+        resolve_family_class(value)  # raises ValueError naming the allowed values
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_family(self) -> TaskConfig:
+        from metaray.tasks import make_family
+
+        make_family(self.family, self.options)
+        return self
+
+
+class PolicyConfig(_Section):
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
+    """Widths of the MLP's hidden layers."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Hidden-layer nonlinearity."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of Gaussian policies (continuous actions)."""
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if not value or any(w < 1 for w in value):
+            raise ValueError("must be a non-empty list of positive integers")
+        return value
+
+
+class InnerConfig(_Section):
+    steps: int = Field(1, ge=1, le=50)
+    """Policy-gradient adaptation steps per task."""
+    lr: float = Field(0.1, gt=0)
+    """Inner (adaptation) step size, as in the MAML paper."""
+    episodes: int = Field(20, ge=1)
+    """Episodes collected per inner step per task."""
+
+
+class TRPOConfig(_Section):
+    max_kl: float = Field(0.01, gt=0)
+    """KL bound of the trust region."""
+    cg_iters: int = Field(10, ge=1)
+    """Conjugate-gradient iterations."""
+    cg_damping: float = Field(1e-5, ge=0)
+    """Damping added to the Fisher-vector product."""
+    ls_max_steps: int = Field(15, ge=1)
+    """Backtracking line-search steps."""
+    ls_backtrack_ratio: float = Field(0.8, gt=0, lt=1)
+    """Shrink factor per line-search step."""
+
+
+class OuterConfig(_Section):
+    optimizer: Literal["adam", "sgd", "trpo"] = "adam"
+    """Outer optimizer; trpo only for algorithm maml."""
+    lr: float = Field(1e-3, gt=0)
+    """Outer step size (unused by trpo, whose step is set by max_kl)."""
+    meta_batch_size: int = Field(20, ge=1)
+    """Tasks per meta-iteration; independent of the number of workers."""
+    iterations: int = Field(100, ge=1)
+    """Meta-iterations to run."""
+    trpo: TRPOConfig = Field(default_factory=TRPOConfig)
+
+
+class RolloutConfig(_Section):
+    horizon: int = Field(100, ge=1)
+    """Maximum steps per episode."""
+    gamma: float = Field(0.99, gt=0, le=1)
+    """Discount factor."""
+    gae_lambda: float = Field(1.0, ge=0, le=1)
+    """GAE lambda (1.0 = Monte-Carlo returns minus the baseline)."""
+    normalize_advantages: bool = True
+    """Normalise advantages per task, as the MAML reference code does."""
+
+
+class ResourcesConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    """Worker actors."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker actor (also its torch thread count, rounded up)."""
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=1)
+    """Write a checkpoint every N iterations (and always at the end)."""
+
+
+class EvalConfig(_Section):
+    tasks: int = Field(20, ge=1)
+    """Held-out tasks evaluated at the end of training."""
+    steps: int = Field(1, ge=0, le=50)
+    """Adaptation steps evaluated at the end of training."""
+
+
+class Config(_Section):
+    algorithm: Algorithm = "maml"
+    """Meta-learning algorithm."""
+    seed: int = Field(0, ge=0)
+    """Root of every random stream of the run."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    outer: OuterConfig = Field(default_factory=OuterConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _trpo_needs_maml(self) -> Config:
+        if self.outer.optimizer == "trpo" and self.algorithm != "maml":
+            raise ValueError(
+                f"outer.optimizer 'trpo' needs algorithm 'maml' (got {self.algorithm!r}); "
+                "use 'adam' or 'sgd'"
+            )
+        return self
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("metaray") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
+    """Return the raw mapping of a YAML file or preset, and a label for messages."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text, label = path.read_text(), str(path)
+    else:
+        name = str(source)
+        if name not in preset_names():
+            raise ConfigError(
+                f"unknown preset {name!r}: allowed presets are {', '.join(preset_names())} "
+                "(or give a path to a .yaml file)"
+            )
+        text = (resources.files("metaray") / "presets" / f"{name}.yaml").read_text()
+        label = f"preset {name}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{label} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must hold a mapping of config sections, not {type(data).__name__}")
+    return data, label
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, label: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        section = _section_model(first["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"{label}: unknown key {loc!r}; allowed keys here: {allowed}"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{label}: {loc}: {msg}{shown}"
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate(data: dict[str, Any], label: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, label)) from None
+
+
+def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path, apply overrides, validate; raises ConfigError."""
+    data, label = _read_source(source)
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, label + (" with --set overrides" if overrides else ""))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

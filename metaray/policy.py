@@ -1,0 +1,114 @@
+"""MLP policies with a functional forward, so adapted parameters are values, not modules."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, Normal
+from torch.func import functional_call
+
+Params = OrderedDict[str, torch.Tensor]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """What the policy needs to know of an env's spaces."""
+
+    obs_dim: int
+    obs_discrete: int  # number of discrete observations (one-hot encoded), 0 for Box
+    act_dim: int  # number of actions (discrete) or action dimensions (continuous)
+    discrete: bool
+    act_low: np.ndarray | None = None
+    act_high: np.ndarray | None = None
+
+    @classmethod
+    def from_env(cls, env: gym.Env) -> SpaceSpec:
+        obs, act = env.observation_space, env.action_space
+        if isinstance(obs, gym.spaces.Discrete):
+            obs_dim, obs_discrete = int(obs.n), int(obs.n)
+        elif isinstance(obs, gym.spaces.Box):
+            obs_dim, obs_discrete = int(np.prod(obs.shape)), 0
+        else:
+            raise ValueError(f"unsupported observation space {obs}: use Box or Discrete")
+        if isinstance(act, gym.spaces.Discrete):
+            return cls(obs_dim, obs_discrete, int(act.n), True)
+        if isinstance(act, gym.spaces.Box):
+            low = np.broadcast_to(act.low, act.shape).reshape(-1).astype(np.float32)
+            high = np.broadcast_to(act.high, act.shape).reshape(-1).astype(np.float32)
+            return cls(obs_dim, obs_discrete, int(np.prod(act.shape)), False, low, high)
+        raise ValueError(f"unsupported action space {act}: use Box or Discrete")
+
+    def encode_obs(self, obs: np.ndarray) -> np.ndarray:
+        """Batch of raw observations -> float32 [batch, obs_dim]."""
+        if self.obs_discrete:
+            return np.eye(self.obs_discrete, dtype=np.float32)[np.asarray(obs, dtype=np.int64)]
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), self.obs_dim)
+
+
+class Policy(nn.Module):
+    """Categorical policy for discrete actions, Gaussian with a learned log-std otherwise."""
+
+    def __init__(
+        self,
+        spec: SpaceSpec,
+        hidden_sizes: list[int],
+        activation: str = "tanh",
+        init_log_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        layers: list[nn.Module] = []
+        width = spec.obs_dim
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+            width = size
+        layers.append(nn.Linear(width, spec.act_dim))
+        self.body = nn.Sequential(*layers)
+        for module in self.body:
+            if isinstance(module, nn.Linear):  # as in the MAML reference code
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if not spec.discrete:
+            self.log_std = nn.Parameter(torch.full((spec.act_dim,), float(init_log_std)))
+
+    def forward(self, obs: torch.Tensor) -> Distribution:
+        out = self.body(obs)
+        if self.spec.discrete:
+            return Categorical(logits=out)
+        return Independent(Normal(out, self.log_std.exp()), 1)
+
+    def dist(self, obs: torch.Tensor, params: Params) -> Distribution:
+        return functional_call(self, params, (obs,))
+
+    def params(self) -> Params:
+        return OrderedDict((k, v.detach().clone()) for k, v in self.named_parameters())
+
+
+def flatten(params: Params) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(flat: torch.Tensor, like: Params) -> Params:
+    out: Params = OrderedDict()
+    offset = 0
+    for name, p in like.items():
+        n = p.numel()
+        out[name] = flat[offset : offset + n].view_as(p)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"parameter vector has {flat.numel()} values, the policy needs {offset}")
+    return out
+
+
+def build_policy(spec: SpaceSpec, policy_cfg, seed: int) -> Policy:
+    """A policy whose initial weights depend only on ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Policy(spec, policy_cfg.hidden_sizes, policy_cfg.activation, policy_cfg.init_log_std)

@@ -1,0 +1,156 @@
+"""Collect a batch of episodes of one task, and turn rewards into advantages.
+
+All episodes of a batch step together: one policy forward per time step for the whole
+batch. Episodes are stored time-major and padded to the horizon, with a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from metaray.policy import Params, Policy
+
+
+@dataclass
+class Episodes:
+    """A batch of N episodes of one task, padded to T steps (time-major)."""
+
+    obs: torch.Tensor  # [T, N, obs_dim]
+    actions: torch.Tensor  # [T, N] (discrete) or [T, N, act_dim]
+    rewards: torch.Tensor  # [T, N]
+    mask: torch.Tensor  # [T, N], 1.0 where the step happened
+    advantages: torch.Tensor | None = None  # [T, N], filled by compute_advantages
+
+    @property
+    def returns(self) -> np.ndarray:
+        """Undiscounted return of each episode."""
+        return (self.rewards * self.mask).sum(0).numpy()
+
+    @property
+    def steps(self) -> int:
+        return int(self.mask.sum().item())
+
+    def to(self, dtype: torch.dtype) -> Episodes:
+        """A copy with floating-point fields cast (float64 for gradient checks)."""
+        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        return Episodes(cast(self.obs), cast(self.actions), cast(self.rewards), cast(self.mask),
+                        cast(self.advantages))
+
+
+def collect(
+    policy: Policy,
+    params: Params,
+    envs: list[gym.Env],
+    horizon: int,
+    env_seeds: list[int],
+    generator: torch.Generator,
+) -> Episodes:
+    """Run one episode in each env with the policy at ``params`` (no gradient).
+
+    Every random draw comes from ``env_seeds`` and ``generator``, so the same seeds give
+    the same episodes whichever process runs them.
+    """
+    spec = policy.spec
+    n = len(envs)
+    obs_buf = torch.zeros(horizon, n, spec.obs_dim)
+    act_buf = torch.zeros(horizon, n, dtype=torch.long) if spec.discrete else torch.zeros(horizon, n, spec.act_dim)
+    rew_buf = np.zeros((horizon, n), dtype=np.float32)
+    mask_buf = np.zeros((horizon, n), dtype=np.float32)
+    first = [env.reset(seed=int(s))[0] for env, s in zip(envs, env_seeds)]
+    obs = spec.encode_obs(np.stack(first))
+    alive = np.ones(n, dtype=bool)
+    low, high = spec.act_low, spec.act_high
+    with torch.no_grad():
+        for t in range(horizon):
+            obs_t = torch.from_numpy(obs)
+            obs_buf[t] = obs_t
+            dist = policy.dist(obs_t, params)
+            if spec.discrete:
+                probs = dist.probs
+                action = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                base = dist.base_dist
+                noise = torch.randn(base.loc.shape, generator=generator)
+                action = base.loc + base.scale * noise
+            act_buf[t] = action
+            act_np = action.numpy()
+            if not spec.discrete:
+                act_np = np.clip(act_np, low, high)
+            next_obs = obs.copy()
+            for i in np.flatnonzero(alive):
+                a = int(act_np[i]) if spec.discrete else act_np[i].reshape(envs[i].action_space.shape)
+                o, r, terminated, truncated, _ = envs[i].step(a)
+                rew_buf[t, i] = r
+                mask_buf[t, i] = 1.0
+                next_obs[i] = spec.encode_obs(np.asarray([o]))[0]
+                if terminated or truncated:
+                    alive[i] = False
+            obs = next_obs
+            if not alive.any():
+                obs_buf, act_buf = obs_buf[: t + 1], act_buf[: t + 1]
+                rew_buf, mask_buf = rew_buf[: t + 1], mask_buf[: t + 1]
+                break
+    return Episodes(obs_buf, act_buf, torch.from_numpy(rew_buf), torch.from_numpy(mask_buf))
+
+
+def _baseline_features(episodes: Episodes) -> torch.Tensor:
+    """The linear feature baseline of Duan et al. 2016, as in the MAML reference code."""
+    obs = episodes.obs
+    t = torch.arange(obs.shape[0], dtype=obs.dtype).view(-1, 1, 1).expand(-1, obs.shape[1], 1) / 100.0
+    ones = torch.ones_like(t)
+    return torch.cat([obs, obs**2, t, t**2, t**3, ones], dim=2)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = (rewards[t] + gamma * running) * mask[t]
+        out[t] = running
+    return out
+
+
+def fit_baseline(episodes: Episodes, gamma: float) -> torch.Tensor:
+    """Per-task value estimates [T, N] from a ridge regression on the episodes' returns."""
+    feats = _baseline_features(episodes).to(torch.float64)
+    mask = episodes.mask.to(torch.float64)
+    targets = discounted_returns(episodes.rewards.to(torch.float64), mask, gamma)
+    x = (feats * mask.unsqueeze(-1)).reshape(-1, feats.shape[-1])
+    y = (targets * mask).reshape(-1, 1)
+    xtx, xty = x.T @ x, x.T @ y
+    eye = torch.eye(xtx.shape[0], dtype=torch.float64)
+    reg = 1e-5
+    for _ in range(5):
+        weights = torch.linalg.lstsq(xtx + reg * eye, xty).solution
+        if torch.isfinite(weights).all():
+            break
+        reg *= 10
+    else:
+        weights = torch.zeros_like(xty)
+    return ((feats @ weights).squeeze(-1) * mask).to(episodes.rewards.dtype)
+
+
+def compute_advantages(episodes: Episodes, gamma: float, gae_lambda: float, normalize: bool) -> Episodes:
+    """GAE advantages over the per-task linear baseline, stored on the batch."""
+    values = fit_baseline(episodes, gamma)
+    mask = episodes.mask
+    next_values = torch.cat([values[1:], torch.zeros_like(values[:1])]) * torch.cat(
+        [mask[1:], torch.zeros_like(mask[:1])]
+    )
+    deltas = episodes.rewards + gamma * next_values - values
+    adv = torch.zeros_like(deltas)
+    running = torch.zeros_like(deltas[0])
+    for t in range(deltas.shape[0] - 1, -1, -1):
+        running = (deltas[t] + gamma * gae_lambda * running) * mask[t]
+        adv[t] = running
+    if normalize:
+        count = mask.sum()
+        mean = (adv * mask).sum() / count
+        var = (((adv - mean) * mask) ** 2).sum() / count
+        adv = (adv - mean) / (var.sqrt() + 1e-8) * mask
+    episodes.advantages = adv
+    return episodes

@@ -1,0 +1,86 @@
+"""The run directory: resolved config, checkpoints, metrics. Every write is atomic."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from metaray.config import Config, ConfigError, dump_config, validate
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(file)`` into a temporary file, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.parquet"
+
+    def prepare(self, config: Config, overwrite: bool) -> None:
+        """Create the run directory; refuse a non-empty one unless told to overwrite."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.config_path, lambda f: f.write(dump_config(config).encode()))
+
+    def load_config(self) -> Config:
+        import yaml
+
+        if not self.config_path.is_file():
+            raise ConfigError(f"{self.path} is not a metaray run directory (no config.yaml)")
+        return validate(yaml.safe_load(self.config_path.read_text()) or {}, str(self.config_path))
+
+    def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config) -> Path:
+        payload = {"format": CHECKPOINT_FORMAT, "iteration": iteration,
+                   "config": config.model_dump(mode="json"), **state}
+        path = self.checkpoints / f"checkpoint_{iteration:06d}.pt"
+        atomic_write(path, lambda f: torch.save(payload, f))
+        return path
+
+    def latest_checkpoint(self) -> dict[str, Any]:
+        files = sorted(self.checkpoints.glob("checkpoint_*.pt"))
+        if not files:
+            raise ConfigError(f"run directory {self.path} has no checkpoint")
+        try:
+            return torch.load(files[-1], map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"checkpoint {files[-1]} cannot be read: {err}") from None
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.parquet whole (small: one row per iteration), atomically."""
+        table = pa.Table.from_pylist(rows)
+        atomic_write(self.metrics_path, lambda f: pq.write_table(table, f))

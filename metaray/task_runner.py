@@ -1,0 +1,222 @@
+"""Everything a worker does for one task, in pure torch: sample, adapt, meta-gradient.
+
+A worker actor wraps one TaskRunner. Each task's randomness comes from a seed the
+learner derives from (run seed, iteration, task index), never from the process it runs
+in, so results do not depend on which worker runs which task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.distributions import Distribution
+
+from metaray.algorithms.adapt import adapt
+from metaray.algorithms.losses import log_probs, mean_kl, pg_loss, surrogate_loss
+from metaray.algorithms.maml import leaf_params, meta_gradient
+from metaray.algorithms.reptile import reptile_delta
+from metaray.config import Config
+from metaray.policy import Params, SpaceSpec, build_policy, unflatten
+from metaray.rollout import Episodes, collect, compute_advantages
+from metaray.tasks import Task, TaskFamily, make_family
+
+
+class TaskEnvError(RuntimeError):
+    """A family's make_env failed for a task; the message names both."""
+
+
+@dataclass
+class TaskResult:
+    """What a worker returns for one task: small, whatever the number of episodes."""
+
+    task_index: int
+    vector: np.ndarray  # meta-gradient (maml, fomaml) or phi - theta (reptile), float32
+    outer_loss: float
+    pre_return: float  # mean episode return before adaptation
+    post_return: float  # mean episode return after inner.steps adaptation steps
+    env_steps: int
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+
+
+class EpisodeLoss:
+    """Policy-gradient loss on one batch that is sampled on first use.
+
+    The first call collects episodes with the parameters it is given (detached); later
+    calls reuse them. So one list of these drives both sampling and re-adaptation (TRPO
+    needs the adapted policy at candidate meta-parameters on the very same episodes).
+    """
+
+    def __init__(self, runner: TaskRunner, envs: list[gym.Env], rng: np.random.Generator) -> None:
+        self.runner, self.envs = runner, envs
+        self.env_seeds = rng.integers(0, 2**31 - 1, size=len(envs)).tolist()
+        self.torch_seed = int(rng.integers(0, 2**62))
+        self.episodes: Episodes | None = None
+        self.sample_s = 0.0
+
+    def sample(self, params: Params) -> Episodes:
+        if self.episodes is None:
+            start = time.perf_counter()
+            self.episodes = self.runner.sample(params, self.envs, self.env_seeds, self.torch_seed)
+            self.sample_s = time.perf_counter() - start
+        return self.episodes
+
+    def __call__(self, params: Params) -> torch.Tensor:
+        return pg_loss(self.runner.policy, params, self.sample(params))
+
+
+@dataclass
+class _TRPOState:
+    """What stays on the worker between a task's gradient and the learner's TRPO step."""
+
+    inner_losses: list[EpisodeLoss]
+    valid: Episodes
+    old_log_probs: torch.Tensor
+    old_dist: Distribution
+    grad_kl: torch.Tensor | None = None
+    theta: Params | None = None
+
+
+class TaskRunner:
+    def __init__(self, config: Config, family: TaskFamily | None = None) -> None:
+        self.config = config
+        self.family = family or make_family(config.task.family, config.task.options)
+        probe_task = self.family.sample_tasks(1, np.random.default_rng(0))[0]
+        probe = self.make_env(probe_task)
+        self.spec = SpaceSpec.from_env(probe)
+        probe.close()
+        self.policy = build_policy(self.spec, config.policy, config.seed)
+        self.template = self.policy.params()
+        self._trpo: dict[tuple[int, int], _TRPOState] = {}
+
+    # -- environment and sampling -------------------------------------------------------
+
+    def make_env(self, task: Task) -> gym.Env:
+        try:
+            return self.family.make_env(task)
+        except Exception as err:
+            raise TaskEnvError(
+                f"task family {self.config.task.family!r} failed to make an env for task {task}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    def make_envs(self, task: Task) -> list[gym.Env]:
+        return [self.make_env(task) for _ in range(self.config.inner.episodes)]
+
+    def sample(self, params: Params, envs: list[gym.Env], env_seeds: list[int], torch_seed: int) -> Episodes:
+        gen = torch.Generator().manual_seed(torch_seed)
+        detached = {k: v.detach() for k, v in params.items()}
+        episodes = collect(self.policy, detached, envs, self.config.rollout.horizon, env_seeds, gen)
+        r = self.config.rollout
+        return compute_advantages(episodes, r.gamma, r.gae_lambda, r.normalize_advantages)
+
+    def params_from(self, flat: np.ndarray | torch.Tensor) -> Params:
+        return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)
+
+    def _losses(self, envs: list[gym.Env], rng: np.random.Generator) -> list[EpisodeLoss]:
+        return [EpisodeLoss(self, envs, rng) for _ in range(self.config.inner.steps)]
+
+    # -- one task of a training iteration --------------------------------------------------
+
+    def run_task(
+        self, flat_params: np.ndarray, task: Task, task_index: int, seed: np.random.SeedSequence,
+        iteration: int = 0,
+    ) -> TaskResult:
+        start = time.perf_counter()
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        envs = self.make_envs(task)
+        theta = self.params_from(flat_params)
+        inner = self._losses(envs, rng)
+        valid = EpisodeLoss(self, envs, rng)
+        if cfg.algorithm == "reptile":
+            delta, phi = reptile_delta(theta, list(inner), cfg.inner.lr)
+            vector, outer_loss = delta, float("nan")
+            valid.sample(phi)
+        else:
+            def outer(phi: Params) -> torch.Tensor:
+                episodes = valid.sample(phi)
+                old = log_probs(self.policy, phi, episodes).detach()
+                return surrogate_loss(self.policy, phi, episodes, old)
+
+            first_order = cfg.algorithm == "fomaml"
+            vector, loss, phi = meta_gradient(theta, list(inner), outer, cfg.inner.lr, first_order)
+            outer_loss = float(loss)
+            if cfg.outer.optimizer == "trpo":
+                self._keep_for_trpo(iteration, task_index, phi, inner, valid.episodes)
+        sample_s = sum(loss.sample_s for loss in inner) + valid.sample_s
+        for env in envs:
+            env.close()
+        total = time.perf_counter() - start
+        episodes = [loss.episodes for loss in inner] + [valid.episodes]
+        return TaskResult(
+            task_index=task_index,
+            vector=vector.numpy().astype(np.float32),
+            outer_loss=outer_loss,
+            pre_return=float(inner[0].episodes.returns.mean()),
+            post_return=float(valid.episodes.returns.mean()),
+            env_steps=sum(e.steps for e in episodes),
+            timings={"sample_s": sample_s, "adapt_s": total - sample_s},
+        )
+
+    # -- TRPO: products and line-search values on the episodes kept here -------------------
+
+    def _keep_for_trpo(self, iteration: int, task_index: int, phi: Params,
+                       inner: list[EpisodeLoss], valid: Episodes) -> None:
+        for key in [k for k in self._trpo if k[0] != iteration]:
+            del self._trpo[key]
+        with torch.no_grad():
+            self._trpo[(iteration, task_index)] = _TRPOState(
+                inner_losses=inner,
+                valid=valid,
+                old_log_probs=log_probs(self.policy, phi, valid),
+                old_dist=self.policy.dist(valid.obs, phi),
+            )
+
+    def _adapted(self, state: _TRPOState, theta: Params, create_graph: bool) -> Params:
+        return adapt(theta, list(state.inner_losses), self.config.inner.lr, create_graph)
+
+    def trpo_hvp(self, iteration: int, task_index: int, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Hessian of KL(adapted at theta_old || adapted at theta) times ``vector``."""
+        state = self._trpo[(iteration, task_index)]
+        if state.grad_kl is None:  # build the first derivative's graph once per task
+            state.theta = leaf_params(self.params_from(flat_params))
+            phi = self._adapted(state, state.theta, create_graph=True)
+            kl = mean_kl(self.policy, phi, state.valid, state.old_dist)
+            grads = torch.autograd.grad(kl, list(state.theta.values()), create_graph=True)
+            state.grad_kl = torch.cat([g.reshape(-1) for g in grads])
+        v = torch.as_tensor(vector, dtype=state.grad_kl.dtype)
+        hv = torch.autograd.grad(state.grad_kl @ v, list(state.theta.values()), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+
+    def trpo_loss_kl(self, iteration: int, task_index: int, flat_params: np.ndarray) -> tuple[float, float]:
+        """Surrogate loss and KL at candidate meta-parameters, on the kept episodes."""
+        state = self._trpo[(iteration, task_index)]
+        theta = leaf_params(self.params_from(flat_params))
+        phi = self._adapted(state, theta, create_graph=False)
+        with torch.no_grad():
+            loss = surrogate_loss(self.policy, phi, state.valid, state.old_log_probs)
+            kl = mean_kl(self.policy, phi, state.valid, state.old_dist)
+        return float(loss), float(kl)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, flat_params: np.ndarray, task: Task, steps: int, seed: np.random.SeedSequence) -> list[float]:
+        """Mean return after 0, 1, ..., steps adaptation steps, each on fresh episodes."""
+        rng = np.random.default_rng(seed)
+        envs = self.make_envs(task)
+        params = self.params_from(flat_params)
+        returns = []
+        for k in range(steps + 1):
+            loss = EpisodeLoss(self, envs, rng)
+            returns.append(float(loss.sample(params).returns.mean()))
+            if k < steps:
+                params = adapt(leaf_params(params), [loss], self.config.inner.lr, create_graph=False)
+        for env in envs:
+            env.close()
+        return returns
+

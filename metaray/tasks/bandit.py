@@ -1,0 +1,45 @@
+"""K-armed Bernoulli bandits: each episode is a sequence of pulls of one unknown bandit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from metaray.tasks.base import Task
+
+
+class BernoulliBanditEnv(gym.Env):
+    """Observation is a constant; the episode length is the rollout horizon."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, probs: list[float]) -> None:
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(len(self.probs))
+        self._obs = np.ones(1, dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return self._obs, {}
+
+    def step(self, action):
+        reward = float(self.np_random.random() < self.probs[int(action)])
+        return self._obs, reward, False, False, {}
+
+
+class Bandit:
+    """Arm probabilities i.i.d. uniform in [0, 1]."""
+
+    def __init__(self, arms: int = 5) -> None:
+        if arms < 2:
+            raise ValueError(f"bandit needs at least 2 arms (got {arms})")
+        self.arms = int(arms)
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"probs": [float(p) for p in rng.uniform(size=self.arms)]} for _ in range(n)]
+
+    def make_env(self, task: Task) -> gym.Env:
+        return BernoulliBanditEnv(task["probs"])

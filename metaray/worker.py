@@ -1,0 +1,58 @@
+"""The worker actor: a thin Ray shell around a TaskRunner.
+
+Contract: ``run_task`` for training, ``evaluate`` for held-out tasks, and, for TRPO,
+``trpo_hvp`` / ``trpo_loss_kl`` on the episodes it kept for the iteration, so that no
+trajectory ever leaves the worker that sampled it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from metaray import seeding
+from metaray.config import Config
+from metaray.task_runner import TaskResult, TaskRunner
+from metaray.tasks import Task
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any], index: int) -> None:
+        self.config = Config.model_validate(config)
+        # One thread count everywhere: results must not depend on where a task runs.
+        torch.set_num_threads(max(1, math.ceil(self.config.resources.cpus_per_worker)))
+        self.runner = TaskRunner(self.config)
+        self.index = index
+        self.node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
+
+    def run_task(self, flat_params: np.ndarray, iteration: int, task_index: int, task: Task) -> TaskResult:
+        seed = seeding.train_episode_seed(self.config.seed, iteration, task_index)
+        result = self.runner.run_task(flat_params, task, task_index, seed, iteration)
+        result.worker = f"worker-{self.index}@{self.node}"
+        return result
+
+    def trpo_hvp(self, iteration: int, task_indices: list[int], flat_params: np.ndarray,
+                 vector: np.ndarray) -> list[np.ndarray]:
+        return [self.runner.trpo_hvp(iteration, i, flat_params, vector) for i in task_indices]
+
+    def trpo_loss_kl(self, iteration: int, task_indices: list[int],
+                     flat_params: np.ndarray) -> list[tuple[float, float]]:
+        return [self.runner.trpo_loss_kl(iteration, i, flat_params) for i in task_indices]
+
+    def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int, seed: int) -> list[float]:
+        return self.runner.evaluate(flat_params, task, steps, seeding.eval_episode_seed(seed, task_index))
+
+    def where(self) -> dict[str, Any]:
+        return {"index": self.index, "node": self.node, "pid": os.getpid()}
+
+
+def start_workers(config: Config) -> list[ray.actor.ActorHandle]:
+    actor = ray.remote(Worker).options(num_cpus=config.resources.cpus_per_worker)
+    dumped = config.model_dump(mode="json")
+    return [actor.remote(dumped, i) for i in range(config.resources.num_workers)]
