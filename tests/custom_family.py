@@ -1,0 +1,38 @@
+"""A user-defined task family, as a user would write one (used through module:Class)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+
+class GoalLineEnv(gym.Env):
+    """A point on a line moves towards a hidden target; reward is minus the distance."""
+
+    def __init__(self, target: float, max_speed: float) -> None:
+        self.target, self.max_speed = target, max_speed
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-max_speed, max_speed, shape=(1,), dtype=np.float32)
+        self.x = 0.0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0.0
+        return np.array([self.x], dtype=np.float32), {}
+
+    def step(self, action):
+        self.x += float(np.clip(action[0], -self.max_speed, self.max_speed))
+        return np.array([self.x], dtype=np.float32), -abs(self.x - self.target), False, False, {}
+
+
+class GoalLine:
+    def __init__(self, max_speed: float = 0.1, broken: bool = False) -> None:
+        self.max_speed, self.broken = max_speed, broken
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
+        return [{"target": float(t)} for t in rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.5, 1.0, size=n)]
+
+    def make_env(self, task: dict) -> gym.Env:
+        if self.broken:
+            raise RuntimeError("simulator licence expired")
+        return GoalLineEnv(task["target"], self.max_speed)
