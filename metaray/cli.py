@@ -62,8 +62,10 @@ def train(
         cfg = load_config(config, set_ or [])
         from metaray.cluster import ray_session
         from metaray.run_dir import RunDir
+        from metaray.task_runner import TaskRunner
         from metaray.trainer import train as train_loop
 
+        runner = TaskRunner(cfg)  # builds the family and one env: bad input fails before anything is written
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run.prepare(cfg, overwrite)
@@ -71,7 +73,7 @@ def train(
         cpus = cfg.resources.num_workers * cfg.resources.cpus_per_worker
         start = time.perf_counter()
         with ray_session(address, cpus):
-            summary = train_loop(cfg, run, log=lambda line: typer.echo(line))
+            summary = train_loop(cfg, run, log=lambda line: typer.echo(line), runner=runner)
         result = summary["eval"]
         mean, se = result.mean_return, result.stderr_return
         typer.echo(f"done in {time.perf_counter() - start:.1f}s")

@@ -98,7 +98,7 @@ class Learner:
 
         def hvp(vector: torch.Tensor) -> torch.Tensor:
             parts = gather("trpo_hvp", self._params_ref, ray.put(vector.numpy()))
-            return sum((torch.from_numpy(parts[i]) for i in range(n)), torch.zeros_like(vector)) / n
+            return sum((torch.tensor(parts[i]) for i in range(n)), torch.zeros_like(vector)) / n
 
         def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
             parts = gather("trpo_loss_kl", ray.put(candidate.numpy()))

@@ -189,7 +189,7 @@ class TaskRunner:
             kl = mean_kl(self.policy, phi, state.valid, state.old_dist)
             grads = torch.autograd.grad(kl, list(state.theta.values()), create_graph=True)
             state.grad_kl = torch.cat([g.reshape(-1) for g in grads])
-        v = torch.as_tensor(vector, dtype=state.grad_kl.dtype)
+        v = torch.tensor(vector, dtype=state.grad_kl.dtype)
         hv = torch.autograd.grad(state.grad_kl @ v, list(state.theta.values()), retain_graph=True)
         return torch.cat([h.reshape(-1) for h in hv]).numpy()
 

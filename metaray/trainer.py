@@ -44,9 +44,13 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
     }
 
 
-def train(config: Config, run: RunDir, log: Log = print) -> dict[str, Any]:
-    """Meta-train on the connected Ray cluster; returns the final held-out evaluation."""
-    runner = TaskRunner(config)  # builds the family and an env here first: bad input fails fast
+def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | None = None) -> dict[str, Any]:
+    """Meta-train on the connected Ray cluster; returns the final params, rows and held-out evaluation.
+
+    ``runner`` (a local TaskRunner) is built here if the caller has not already built one
+    to check the family before starting anything.
+    """
+    runner = runner or TaskRunner(config)
     flat0 = flatten(runner.template).numpy()
     workers = start_workers(config)
     learner = start_learner(config, flat0)

@@ -1,0 +1,71 @@
+"""The CLI end to end: every algorithm on every built-in family, eval JSON, user families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metaray.tasks import BUILTIN_FAMILIES
+from tests.conftest import run_cli
+
+SMOKE = ["-s", "outer.iterations=2", "-s", "outer.meta_batch_size=3", "-s", "inner.episodes=3",
+         "-s", "rollout.horizon=15", "-s", "policy.hidden_sizes=[8]", "-s", "eval.tasks=3", "-s", "eval.steps=2"]
+OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"]}
+
+
+@pytest.mark.parametrize("family", sorted(BUILTIN_FAMILIES))
+@pytest.mark.parametrize("algorithm,optimizer", [(a, o) for a, opts in OPTIMIZERS.items() for o in opts])
+def test_every_algorithm_on_every_family(ray_address, tmp_path: Path, algorithm, optimizer, family):
+    """Joins the session's Ray through --address (the embedded path is tested below)."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "quickstart", *SMOKE, "-s", f"algorithm={algorithm}", "-s", f"task.family={family}",
+                   "-s", f"outer.optimizer={optimizer}", "--output", str(out), "--address", ray_address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "iter    2/2" in proc.stdout and "pre-adaptation return" in proc.stdout
+    assert (out / "metrics.parquet").is_file() and (out / "checkpoints" / "checkpoint_000002.pt").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["algorithm"] == algorithm and saved["task"]["family"] == family
+    proc = run_cli("eval", str(out), "--tasks", "3", "--steps", "2", "--json", "--address", ray_address)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert len(result["mean_return"]) == 3 and len(result["std_return"]) == 3
+    assert all(isinstance(x, float) for x in result["mean_return"])
+
+
+def _user_config(tmp_path: Path, **options) -> Path:
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "metaray/presets/quickstart.yaml").read_text())
+    cfg["task"] = {"family": "tests.custom_family:GoalLine", "options": {"max_speed": 0.2, **options}}
+    cfg["outer"].update(iterations=3, meta_batch_size=4)
+    cfg["inner"]["episodes"] = 4
+    cfg["rollout"]["horizon"] = 20
+    cfg["eval"] = {"tasks": 4, "steps": 1}
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_user_family_trains_and_evaluates_on_embedded_ray(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_cli("train", str(_user_config(tmp_path)), "--output", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "iter    3/3" in proc.stdout
+    proc = run_cli("eval", str(out), "--tasks", "5", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "5 held-out tasks" in proc.stdout and len(proc.stdout.strip().splitlines()) == 4
+
+
+def test_user_family_whose_make_env_fails_names_task_and_family(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_cli("train", str(_user_config(tmp_path, broken=True)), "--output", str(out))
+    assert proc.returncode == 1
+    assert "task family 'tests.custom_family:GoalLine' failed to make an env for task {'target'" in proc.stderr
+    assert "simulator licence expired" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path):
+    proc = run_cli("eval", str(tmp_path))
+    assert proc.returncode == 2 and "not a metaray run directory" in proc.stderr

@@ -1,0 +1,63 @@
+"""Built-in task families: real gymnasium envs with the dynamics they claim."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from metaray.tasks import BUILTIN_FAMILIES, make_family
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_FAMILIES))
+def test_family_contract(name):
+    family = make_family(name, {})
+    tasks = family.sample_tasks(5, np.random.default_rng(0))
+    assert len(tasks) == 5
+    assert tasks == family.sample_tasks(5, np.random.default_rng(0)), "tasks must depend only on the rng"
+    assert json.loads(json.dumps(tasks)) == tasks, "tasks must be plain serialisable dicts"
+    env = family.make_env(tasks[0])
+    check_env(env, skip_render_check=True)
+
+
+def test_navigation2d_matches_the_paper():
+    family = make_family("navigation2d", {})
+    goals = np.array([t["goal"] for t in family.sample_tasks(2000, np.random.default_rng(1))])
+    assert goals.min() >= -0.5 and goals.max() <= 0.5 and abs(goals.mean()) < 0.02
+    env = family.make_env({"goal": [0.3, -0.2]})
+    obs, _ = env.reset(seed=0)
+    assert np.allclose(obs, 0)
+    obs, reward, terminated, _, _ = env.step(np.array([5.0, -5.0]))  # clipped to 0.1 per axis
+    assert np.allclose(obs, [0.1, -0.1]) and not terminated
+    assert reward == pytest.approx(-np.hypot(0.2, 0.1))
+    env.step(np.array([0.1, -0.1]))
+    _, reward, terminated, _, _ = env.step(np.array([0.1, 0.0]))
+    assert terminated and reward == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cartpole_actuation_sign_flips_the_push():
+    family = make_family("cartpole", {"spread": 0.0})
+    base = family.sample_tasks(1, np.random.default_rng(0))[0]
+    velocities = {}
+    for sign in (1, -1):
+        env = family.make_env({**base, "actuation_sign": sign})
+        env.reset(seed=3)
+        obs, *_ = env.step(1)
+        velocities[sign] = obs[1]
+    assert velocities[1] > 0 > velocities[-1]
+
+
+def test_cartpole_randomises_physics_and_sign():
+    tasks = make_family("cartpole", {"spread": 0.5}).sample_tasks(200, np.random.default_rng(2))
+    lengths = [t["length"] for t in tasks]
+    assert 0.25 <= min(lengths) and max(lengths) <= 0.75 and np.std(lengths) > 0.05
+    assert {t["actuation_sign"] for t in tasks} == {-1, 1}
+
+
+def test_bandit_pays_each_arm_at_its_rate():
+    env = make_family("bandit", {"arms": 3}).make_env({"probs": [0.1, 0.5, 0.9]})
+    env.reset(seed=0)
+    rates = [np.mean([env.step(arm)[1] for _ in range(4000)]) for arm in range(3)]
+    assert np.allclose(rates, [0.1, 0.5, 0.9], atol=0.03)
