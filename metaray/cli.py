@@ -52,7 +52,7 @@ def _run_guarded(fn):
 def train(
     config: Annotated[str, typer.Argument(help="Preset name or path to a YAML config.")],
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key.path=value, repeatable.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory [runs/NAME-TIME].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run dir; default runs/NAME-TIME.")] = None,
     address: AddressOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
 ) -> None:

@@ -81,7 +81,8 @@ _leaves = [("algorithm",), ("seed",), ("task", "family"), ("policy", "hidden_siz
            ("rollout", "gamma"), ("resources", "num_workers"), ("checkpoint", "every"), ("bogus",),
            ("inner", "bogus")]
 _values = st.one_of(st.none(), st.booleans(), st.integers(-5, 500), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.lists(st.integers(-3, 70), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                    st.text(max_size=12), st.lists(st.integers(-3, 70), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
