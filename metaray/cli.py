@@ -29,12 +29,15 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _run_guarded(fn):
     """Turn user-input errors into one line and exit 2; task errors into exit 1."""
+    from metaray.cluster import UnreachableClusterError
     from metaray.task_runner import TaskEnvError
 
     try:
         return fn()
     except ConfigError as err:
         raise _fail(str(err), 2) from None
+    except UnreachableClusterError as err:
+        raise _fail(str(err), 1) from None
     except TaskEnvError as err:
         raise _fail(str(err), 1) from None
     except Exception as err:
@@ -50,30 +53,46 @@ def _run_guarded(fn):
 
 @app.command()
 def train(
-    config: Annotated[str, typer.Argument(help="Preset name or path to a YAML config.")],
+    config: Annotated[str | None, typer.Argument(help="Preset name or path to a YAML config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key.path=value, repeatable.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run dir; default runs/NAME-TIME.")] = None,
     address: AddressOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its newest checkpoint.")] = None,
 ) -> None:
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
     def run() -> None:
-        cfg = load_config(config, set_ or [])
         from metaray.cluster import ray_session
         from metaray.run_dir import RunDir
         from metaray.task_runner import TaskRunner
+        from metaray.trainer import check_compatible
         from metaray.trainer import train as train_loop
 
-        runner = TaskRunner(cfg)  # builds the family and one env: bad input fails before anything is written
-        name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
-        run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run.prepare(cfg, overwrite)
+        if resume is not None:
+            if config is not None or output is not None or overwrite:
+                raise ConfigError("--resume RUN_DIR takes its config and directory from the run; "
+                                  "give no CONFIG, --output or --overwrite (--set still applies)")
+            run = RunDir(resume)
+            cfg = load_config(run.config_path, set_ or []) if run.config_path.is_file() else run.load_config()
+            runner = TaskRunner(cfg)
+            # A damaged or incompatible checkpoint fails here, before anything is written.
+            check_compatible(run.latest_checkpoint(), cfg, runner.n_params, str(run.checkpoint_files()[-1]))
+            run.write_config(cfg)
+        else:
+            if config is None:
+                raise ConfigError("give a CONFIG (preset name or YAML file), or --resume RUN_DIR")
+            cfg = load_config(config, set_ or [])
+            runner = TaskRunner(cfg)  # builds the family and one env: bad input fails before anything is written
+            name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+            run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run.prepare(cfg, overwrite)
         typer.echo(f"run directory: {run.path}")
         cpus = cfg.resources.num_workers * cfg.resources.cpus_per_worker
         start = time.perf_counter()
         with ray_session(address, cpus):
-            summary = train_loop(cfg, run, log=lambda line: typer.echo(line), runner=runner)
+            summary = train_loop(cfg, run, log=lambda line: typer.echo(line), runner=runner,
+                                 resume=resume is not None)
         result = summary["eval"]
         mean, se = result.mean_return, result.stderr_return
         typer.echo(f"done in {time.perf_counter() - start:.1f}s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,7 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         yield
         return
     if address:
+        check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -40,3 +42,21 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class UnreachableClusterError(ConnectionError):
+    pass
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within ``timeout_s`` with the address in the message, rather than hang in ray.init."""
+    if address == "auto":
+        return  # ray.init itself fails fast when no local cluster is found
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UnreachableClusterError(f"Ray address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UnreachableClusterError(f"cannot reach the Ray cluster at {address}: {err}") from None

@@ -114,11 +114,19 @@ class ResourcesConfig(_Section):
     """Worker actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker actor (also its torch thread count, rounded up)."""
+    task_timeout_s: float | None = Field(None, gt=0)
+    """Dispatch a task again on another worker when it runs longer than this (None: never)."""
+    min_valid_fraction: float = Field(0.5, gt=0, le=1)
+    """Retry the iteration when fewer of its task results than this fraction are finite."""
+    max_iteration_retries: int = Field(2, ge=0)
+    """Attempts beyond the first before an iteration with too few finite results fails the run."""
 
 
 class CheckpointConfig(_Section):
     every: int = Field(10, ge=1)
     """Write a checkpoint every N iterations (and always at the end)."""
+    keep: int = Field(3, ge=1)
+    """Newest checkpoints kept; older ones are deleted."""
 
 
 class EvalConfig(_Section):

@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from metaray import seeding
+from metaray.pool import WorkerPool
 from metaray.tasks import TaskFamily
 
 
@@ -38,7 +39,7 @@ class EvalResult:
 
 
 def evaluate(
-    workers: list[ray.actor.ActorHandle],
+    pool: WorkerPool,
     family: TaskFamily,
     flat_params: np.ndarray,
     tasks: int,
@@ -48,8 +49,7 @@ def evaluate(
     """Adapt ``flat_params`` for 0..steps inner steps on ``tasks`` held-out tasks."""
     held_out = seeding.eval_tasks(family, seed, tasks)
     params_ref = ray.put(np.asarray(flat_params, dtype=np.float32))
-    refs = [
-        workers[i % len(workers)].evaluate.remote(params_ref, task, i, steps, seed)
-        for i, task in enumerate(held_out)
-    ]
-    return EvalResult(np.asarray(ray.get(refs), dtype=np.float64))
+    returns: dict[int, list[float]] = {}
+    pool.map(lambda w, i: w.evaluate.remote(params_ref, held_out[i], i, steps, seed), list(range(tasks)),
+             lambda i, _, value: returns.__setitem__(i, value))
+    return EvalResult(np.asarray([returns[i] for i in range(tasks)], dtype=np.float64))

@@ -1,8 +1,9 @@
 """The learner actor: holds the meta-parameters and the outer optimizer.
 
-Each iteration it puts the meta-parameters into the object store once, then folds the
-workers' results into a running sum as they arrive, strictly in task-index order, so the
-update never depends on which worker finished first, and memory stays O(parameters).
+Each iteration it puts the meta-parameters into the object store once, hands the tasks to
+the worker pool, and folds the results into a running sum as they arrive, strictly in
+task-index order: the update never depends on which worker finished first or which worker
+died, and memory stays O(parameters). Results with NaN or inf are rejected, never applied.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import torch
 from metaray.algorithms.reptile import pseudo_gradient
 from metaray.algorithms.trpo import trpo_step
 from metaray.config import Config
-from metaray.task_runner import TaskResult
+from metaray.pool import LOST, WorkerPool
+from metaray.task_runner import LostTaskStateError, TaskResult
+from metaray.tasks import Task
 
 
-class NonFiniteResultError(RuntimeError):
+class IterationFailedError(RuntimeError):
     pass
 
 
 class Learner:
-    def __init__(self, config: dict[str, Any], flat_params: np.ndarray) -> None:
+    def __init__(self, config: dict[str, Any], flat_params: np.ndarray,
+                 workers: list[ray.actor.ActorHandle] | None = None) -> None:
         self.config = Config.model_validate(config)
         torch.set_num_threads(1)
         self.params = torch.nn.Parameter(torch.tensor(np.asarray(flat_params), dtype=torch.float32))
@@ -37,44 +41,65 @@ class Learner:
             self.optimizer = torch.optim.SGD([self.params], lr=outer.lr)
         else:
             self.optimizer = None
-        self._params_ref: ray.ObjectRef | None = None
+        res = self.config.resources
+        self.pool = WorkerPool(workers or [], task_timeout_s=res.task_timeout_s)
 
-    def publish(self) -> list[ray.ObjectRef]:
-        """Put the meta-parameters in the object store (once per iteration)."""
-        self._params_ref = ray.put(self.params.detach().numpy().copy())
-        return [self._params_ref]
+    # -- one iteration -----------------------------------------------------------------------
 
-    def apply(self, iteration: int, refs: list[ray.ObjectRef], holders: list[int],
-              workers: list[ray.actor.ActorHandle]) -> dict[str, Any]:
-        """Aggregate the iteration's task results and take one outer step."""
+    def step(self, iteration: int, tasks: list[Task]) -> dict[str, Any]:
+        """Run every task of the iteration on the workers, aggregate, take the outer step."""
+        res = self.config.resources
+        before = self.pool.counters.as_dict()
+        params_ref = ray.put(self.params.detach().numpy().copy())  # once per iteration
         start = time.perf_counter()
-        index_of = {ref: i for i, ref in enumerate(refs)}
-        pending: dict[int, TaskResult] = {}
+        attempts = 0
+        while True:
+            attempts += 1
+            total, rows, holders = self._gather(iteration, tasks, params_ref)
+            valid = [r for r in rows if not r["rejected"]]
+            if len(valid) >= res.min_valid_fraction * len(tasks):
+                break
+            if attempts > res.max_iteration_retries:
+                raise IterationFailedError(
+                    f"iteration {iteration}: only {len(valid)} of {len(tasks)} task results were finite after "
+                    f"{attempts} attempts (resources.min_valid_fraction={res.min_valid_fraction})")
+        gather_s = time.perf_counter() - start
+        start = time.perf_counter()
+        mean = total / len(valid)
+        info = self._outer_step(iteration, mean, valid, holders, tasks, params_ref)
+        faults = {k: v - before[k] for k, v in self.pool.counters.as_dict().items()}
+        return {"tasks": rows, "gather_s": gather_s, "outer_s": time.perf_counter() - start,
+                "iteration_attempts": attempts, "rejected_results": len(rows) - len(valid), **faults, **info}
+
+    def _gather(self, iteration: int, tasks: list[Task],
+                params_ref: ray.ObjectRef) -> tuple[torch.Tensor, list[dict[str, Any]], dict[int, int]]:
         total = torch.zeros_like(self.params)
         rows: list[dict[str, Any]] = []
-        waiting = list(refs)
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1)
-            pending[index_of[ready[0]]] = ray.get(ready[0])
-            while len(rows) in pending:
-                result = pending.pop(len(rows))
-                vector = torch.tensor(result.vector)
-                if not torch.isfinite(vector).all():
-                    raise NonFiniteResultError(f"task {result.task_index} returned a non-finite update")
-                total += vector
-                rows.append({
-                    "task_index": result.task_index, "worker": result.worker,
-                    "pre_return": result.pre_return, "post_return": result.post_return,
-                    "outer_loss": result.outer_loss, "env_steps": result.env_steps, **result.timings,
-                })
-        gather_s = time.perf_counter() - start
-        mean = total / len(refs)
-        step_start = time.perf_counter()
-        info = self._outer_step(iteration, mean, rows, holders, workers)
-        return {"tasks": rows, "gather_s": gather_s, "outer_s": time.perf_counter() - step_start, **info}
+        pending: dict[int, TaskResult] = {}
+        holders: dict[int, int] = {}
 
-    def _outer_step(self, iteration: int, mean: torch.Tensor, rows: list[dict[str, Any]],
-                    holders: list[int], workers: list[ray.actor.ActorHandle]) -> dict[str, Any]:
+        def on_result(index: int, worker: int, result: TaskResult) -> None:
+            nonlocal total
+            holders[index] = worker
+            pending[index] = result
+            while len(rows) in pending:  # fold the contiguous prefix: a fixed summation order
+                r = pending.pop(len(rows))
+                vector = torch.tensor(r.vector)
+                finite = bool(torch.isfinite(vector).all())
+                if finite:
+                    total += vector
+                rows.append({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
+                             "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
+                             "rejected": not finite, **r.timings})
+
+        self.pool.map(lambda w, i: w.run_task.remote(params_ref, iteration, i, tasks[i]),
+                      list(range(len(tasks))), on_result)
+        return total, rows, holders
+
+    # -- outer step ----------------------------------------------------------------------------
+
+    def _outer_step(self, iteration: int, mean: torch.Tensor, valid: list[dict[str, Any]],
+                    holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> dict[str, Any]:
         if self.config.algorithm == "reptile":
             mean = pseudo_gradient(mean)
         if self.optimizer is not None:
@@ -83,27 +108,19 @@ class Learner:
             self.optimizer.step()
             return {"grad_norm": float(mean.norm())}
         trpo = self.config.outer.trpo
-        old_loss = float(np.mean([r["outer_loss"] for r in rows]))
-        by_worker: dict[int, list[int]] = {}
-        for task_index, w in enumerate(holders):
-            by_worker.setdefault(w, []).append(task_index)
-        n = len(holders)
+        indices = [r["task_index"] for r in valid]
+        old_loss = float(np.mean([r["outer_loss"] for r in valid]))
 
-        def gather(method: str, *args: Any) -> dict[int, Any]:
-            calls = {w: getattr(workers[w], method).remote(iteration, idx, *args) for w, idx in by_worker.items()}
-            out: dict[int, Any] = {}
-            for w, values in zip(calls, ray.get(list(calls.values()))):
-                out.update(zip(by_worker[w], values))
-            return out
+        def on_workers(method: str, *args: Any) -> list[Any]:
+            return self._ask_holders(iteration, method, indices, holders, tasks, params_ref, *args)
 
         def hvp(vector: torch.Tensor) -> torch.Tensor:
-            parts = gather("trpo_hvp", self._params_ref, ray.put(vector.numpy()))
-            return sum((torch.tensor(parts[i]) for i in range(n)), torch.zeros_like(vector)) / n
+            parts = on_workers("trpo_hvp", params_ref, ray.put(vector.numpy()))
+            return sum((torch.tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
 
         def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
-            parts = gather("trpo_loss_kl", ray.put(candidate.numpy()))
-            return (float(np.mean([parts[i][0] for i in range(n)])),
-                    float(np.mean([parts[i][1] for i in range(n)])))
+            parts = on_workers("trpo_loss_kl", ray.put(candidate.numpy()))
+            return float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts]))
 
         result = trpo_step(self.params.detach(), mean, old_loss, hvp, loss_and_kl, trpo.max_kl,
                            trpo.cg_iters, trpo.cg_damping, trpo.ls_max_steps, trpo.ls_backtrack_ratio)
@@ -111,6 +128,41 @@ class Learner:
             self.params.copy_(result.params)
         return {"grad_norm": float(mean.norm()), "trpo_accepted": result.accepted,
                 "trpo_ls_steps": result.line_search_steps, "trpo_kl": result.kl}
+
+    def _ask_holders(self, iteration: int, method: str, indices: list[int], holders: dict[int, int],
+                     tasks: list[Task], params_ref: ray.ObjectRef, *args: Any) -> list[Any]:
+        """Call ``method`` on the workers that keep each task's episodes; values in task order.
+
+        A task whose worker died (or restarted, losing its episodes) is sampled again on a
+        live worker with the same seed, which rebuilds exactly the same episodes.
+        """
+        answers: dict[int, Any] = {}
+        todo = list(indices)
+        while todo:
+            groups: dict[int, list[int]] = {}
+            for i in todo:
+                groups.setdefault(holders[i], []).append(i)
+            calls = {w: getattr(self.pool.workers[w], method).remote(iteration, idx, *args)
+                     for w, idx in groups.items()}
+            lost: list[int] = []
+            for w, ref in calls.items():
+                try:
+                    answers.update(zip(groups[w], ray.get(ref)))
+                except LOST:
+                    self.pool.mark_down(w)
+                    lost += groups[w]
+                except ray.exceptions.RayTaskError as err:
+                    if not isinstance(err.cause, LostTaskStateError):
+                        raise
+                    lost += groups[w]
+            if lost:
+                self.pool.counters.task_retries += len(lost)
+                self.pool.map(lambda w, i: w.run_task.remote(params_ref, iteration, i, tasks[i]), lost,
+                              lambda i, w, _: holders.__setitem__(i, w))
+            todo = lost
+        return [answers[i] for i in indices]
+
+    # -- state ---------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -125,5 +177,11 @@ class Learner:
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def start_learner(config: Config, flat_params: np.ndarray) -> ray.actor.ActorHandle:
-    return ray.remote(Learner).options(num_cpus=0).remote(config.model_dump(mode="json"), flat_params)
+def start_learner(config: Config, flat_params: np.ndarray,
+                  workers: list[ray.actor.ActorHandle]) -> ray.actor.ActorHandle:
+    """The learner runs beside the driver (soft affinity), not on a preemptible worker node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(Learner).options(num_cpus=0, scheduling_strategy=here).remote(
+        config.model_dump(mode="json"), flat_params, workers)

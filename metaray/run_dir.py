@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -15,6 +17,7 @@ import torch
 from metaray.config import Config, ConfigError, dump_config, validate
 
 CHECKPOINT_FORMAT = 1
+_MAGIC = b"METARAY-CKPT-1\n"
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -55,6 +58,9 @@ class RunDir:
                 raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+
+    def write_config(self, config: Config) -> None:
         atomic_write(self.config_path, lambda f: f.write(dump_config(config).encode()))
 
     def load_config(self) -> Config:
@@ -64,21 +70,52 @@ class RunDir:
             raise ConfigError(f"{self.path} is not a metaray run directory (no config.yaml)")
         return validate(yaml.safe_load(self.config_path.read_text()) or {}, str(self.config_path))
 
-    def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config) -> Path:
+    def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config, keep: int) -> Path:
+        """Write checkpoint N atomically with a checksum, then delete all but the newest ``keep``."""
         payload = {"format": CHECKPOINT_FORMAT, "iteration": iteration,
                    "config": config.model_dump(mode="json"), **state}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        raw = buf.getvalue()
         path = self.checkpoints / f"checkpoint_{iteration:06d}.pt"
-        atomic_write(path, lambda f: torch.save(payload, f))
+        atomic_write(path, lambda f: f.write(_MAGIC + hashlib.sha256(raw).digest() + raw))
+        for old in self.checkpoint_files()[:-keep]:
+            old.unlink()
         return path
 
+    def checkpoint_files(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a write killed midway leaves only a hidden .tmp file)."""
+        return sorted(self.checkpoints.glob("checkpoint_*.pt"))
+
+    @staticmethod
+    def read_checkpoint(path: Path) -> dict[str, Any]:
+        data = path.read_bytes()
+        if not data.startswith(_MAGIC):
+            raise ConfigError(f"checkpoint {path} is not a metaray checkpoint (bad header)")
+        digest, raw = data[len(_MAGIC): len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+        if len(digest) < 32 or hashlib.sha256(raw).digest() != digest:
+            raise ConfigError(f"checkpoint {path} is corrupt: its checksum does not match "
+                              f"(truncated or damaged, {len(data)} bytes)")
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"checkpoint {path} cannot be read: {err}") from None
+
     def latest_checkpoint(self) -> dict[str, Any]:
-        files = sorted(self.checkpoints.glob("checkpoint_*.pt"))
+        """The newest checkpoint; a damaged newest one is an error, never silently skipped."""
+        files = self.checkpoint_files()
         if not files:
             raise ConfigError(f"run directory {self.path} has no checkpoint")
         try:
-            return torch.load(files[-1], map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"checkpoint {files[-1]} cannot be read: {err}") from None
+            return self.read_checkpoint(files[-1])
+        except ConfigError as err:
+            hint = f"; delete it to resume from {files[-2].name}" if len(files) > 1 else ""
+            raise ConfigError(f"{err}{hint}") from None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return pq.read_table(self.metrics_path).to_pylist()
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.parquet whole (small: one row per iteration), atomically."""

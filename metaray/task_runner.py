@@ -29,6 +29,10 @@ class TaskEnvError(RuntimeError):
     """A family's make_env failed for a task; the message names both."""
 
 
+class LostTaskStateError(RuntimeError):
+    """Asked about a task whose episodes this worker no longer holds (it was restarted)."""
+
+
 @dataclass
 class TaskResult:
     """What a worker returns for one task: small, whatever the number of episodes."""
@@ -91,6 +95,7 @@ class TaskRunner:
         probe.close()
         self.policy = build_policy(self.spec, config.policy, config.seed)
         self.template = self.policy.params()
+        self.n_params = sum(p.numel() for p in self.template.values())
         self._trpo: dict[tuple[int, int], _TRPOState] = {}
 
     # -- environment and sampling -------------------------------------------------------
@@ -177,12 +182,18 @@ class TaskRunner:
                 old_dist=self.policy.dist(valid.obs, phi),
             )
 
+    def _state(self, iteration: int, task_index: int) -> _TRPOState:
+        try:
+            return self._trpo[(iteration, task_index)]
+        except KeyError:
+            raise LostTaskStateError(f"no episodes kept for task {task_index} of iteration {iteration}") from None
+
     def _adapted(self, state: _TRPOState, theta: Params, create_graph: bool) -> Params:
         return adapt(theta, list(state.inner_losses), self.config.inner.lr, create_graph)
 
     def trpo_hvp(self, iteration: int, task_index: int, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:
         """Hessian of KL(adapted at theta_old || adapted at theta) times ``vector``."""
-        state = self._trpo[(iteration, task_index)]
+        state = self._state(iteration, task_index)
         if state.grad_kl is None:  # build the first derivative's graph once per task
             state.theta = leaf_params(self.params_from(flat_params))
             phi = self._adapted(state, state.theta, create_graph=True)
@@ -195,7 +206,7 @@ class TaskRunner:
 
     def trpo_loss_kl(self, iteration: int, task_index: int, flat_params: np.ndarray) -> tuple[float, float]:
         """Surrogate loss and KL at candidate meta-parameters, on the kept episodes."""
-        state = self._trpo[(iteration, task_index)]
+        state = self._state(iteration, task_index)
         theta = leaf_params(self.params_from(flat_params))
         phi = self._adapted(state, theta, create_graph=False)
         with torch.no_grad():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -10,27 +12,29 @@ import numpy as np
 import ray
 
 from metaray import seeding
-from metaray.config import Config
+from metaray.config import Config, ConfigError
 from metaray.evaluation import EvalResult, evaluate
 from metaray.learner import start_learner
 from metaray.policy import flatten
+from metaray.pool import WorkerPool
 from metaray.run_dir import RunDir
 from metaray.task_runner import TaskRunner
 from metaray.worker import start_workers
 
 Log = Callable[[str], None]
 
+FAULT_KEYS = ("worker_failures", "worker_restarts", "task_retries", "task_timeouts")
+
 
 def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_steps: int) -> dict[str, Any]:
     tasks = out["tasks"]
+    kept = [t for t in tasks if not t["rejected"]] or tasks
     steps = sum(t["env_steps"] for t in tasks)
-    nodes: dict[str, int] = {}
-    for t in tasks:
-        nodes[t["worker"].split("@")[-1]] = nodes.get(t["worker"].split("@")[-1], 0) + 1
+    nodes = Counter(t["worker"].split("@")[-1] for t in tasks)
     return {
         "iteration": iteration,
-        "pre_return": float(np.mean([t["pre_return"] for t in tasks])),
-        "post_return": float(np.mean([t["post_return"] for t in tasks])),
+        "pre_return": float(np.mean([t["pre_return"] for t in kept])),
+        "post_return": float(np.mean([t["post_return"] for t in kept])),
         "env_steps": steps,
         "total_env_steps": total_steps + steps,
         "env_steps_per_s": steps / wall_s,
@@ -40,46 +44,77 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "time_gather_s": out["gather_s"],
         "time_outer_s": out["outer_s"],
         "grad_norm": out["grad_norm"],
+        "tasks_counted": len(tasks),
+        "task_indices": ",".join(str(t["task_index"]) for t in tasks),
+        "rejected_results": out["rejected_results"],
+        "iteration_attempts": out["iteration_attempts"],
+        **{k: out[k] for k in FAULT_KEYS},
         "tasks_per_node": ",".join(f"{k}={v}" for k, v in sorted(nodes.items())),
     }
 
 
-def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | None = None) -> dict[str, Any]:
+def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, source: str) -> None:
+    """Refuse a checkpoint whose policy or optimizer does not fit ``config``."""
+    params = checkpoint["params"]
+    saved = checkpoint.get("config", {})
+    if params.numel() != n_params or saved.get("policy") != config.policy.model_dump(mode="json"):
+        raise ConfigError(
+            f"checkpoint {source} holds a policy of {params.numel()} parameters "
+            f"({saved.get('policy')}); the config needs {n_params} ({config.policy.model_dump(mode='json')})")
+    if saved.get("outer", {}).get("optimizer") != config.outer.optimizer or saved.get("algorithm") != config.algorithm:
+        raise ConfigError(
+            f"checkpoint {source} was written by algorithm {saved.get('algorithm')!r} with outer.optimizer "
+            f"{saved.get('outer', {}).get('optimizer')!r}; the config asks for {config.algorithm!r} with "
+            f"{config.outer.optimizer!r}")
+
+
+def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | None = None,
+          resume: bool = False) -> dict[str, Any]:
     """Meta-train on the connected Ray cluster; returns the final params, rows and held-out evaluation.
 
-    ``runner`` (a local TaskRunner) is built here if the caller has not already built one
-    to check the family before starting anything.
+    With ``resume`` the run continues from the run directory's newest checkpoint; since all
+    randomness is a function of (seed, iteration, task), the result is bit-identical to a
+    run that was never interrupted.
     """
     runner = runner or TaskRunner(config)
     flat0 = flatten(runner.template).numpy()
-    workers = start_workers(config)
-    learner = start_learner(config, flat0)
-    n_workers = len(workers)
-    rows: list[dict[str, Any]] = []
-    total_steps = 0
+    checkpoint = None
+    if resume:
+        checkpoint = run.latest_checkpoint()
+        check_compatible(checkpoint, config, runner.n_params, str(run.checkpoint_files()[-1]))
+    tag = uuid.uuid4().hex[:8]
+    workers = start_workers(config, name_prefix=f"metaray-worker-{tag}")
+    learner = start_learner(config, flat0, workers)
+    start_it, rows = 0, []
+    if checkpoint is not None:
+        ray.get(learner.set_state.remote(checkpoint))
+        start_it = int(checkpoint["iteration"])
+        rows = [r for r in run.read_metrics() if r["iteration"] < start_it]
+        log(f"resuming from iteration {start_it}")
+    total_steps = rows[-1]["total_env_steps"] if rows else 0
     log(f"meta-training {config.algorithm} on {config.task.family}: {config.outer.iterations} iterations, "
-        f"{config.outer.meta_batch_size} tasks each, {n_workers} workers, {flat0.size} parameters")
-    for it in range(config.outer.iterations):
-        start = time.perf_counter()
-        tasks = seeding.train_tasks(runner.family, config.seed, it, config.outer.meta_batch_size)
-        [params_ref] = ray.get(learner.publish.remote())
-        holders = [i % n_workers for i in range(len(tasks))]
-        refs = [workers[w].run_task.remote(params_ref, it, i, task) for i, (w, task) in enumerate(zip(holders, tasks))]
-        out = ray.get(learner.apply.remote(it, refs, holders, workers))
-        row = iteration_row(it, out, time.perf_counter() - start, total_steps)
-        total_steps = row["total_env_steps"]
-        rows.append(row)
-        run.write_metrics(rows)
-        log(f"iter {it + 1:4d}/{config.outer.iterations}  pre {row['pre_return']:9.3f}  "
-            f"post {row['post_return']:9.3f}  steps/s {row['env_steps_per_s']:8.0f}  "
-            f"{row['time_iteration_s']:.2f}s")
-        last = it + 1 == config.outer.iterations
-        if last or (it + 1) % config.checkpoint.every == 0:
-            run.save_checkpoint(it + 1, ray.get(learner.get_state.remote()), config)
-    final = ray.get(learner.get_state.remote())["params"].numpy()
-    result = evaluate(workers, runner.family, final, config.eval.tasks, config.eval.steps, config.seed)
-    for actor in [*workers, learner]:
-        ray.kill(actor)
+        f"{config.outer.meta_batch_size} tasks each, {len(workers)} workers, {flat0.size} parameters")
+    try:
+        for it in range(start_it, config.outer.iterations):
+            start = time.perf_counter()
+            tasks = seeding.train_tasks(runner.family, config.seed, it, config.outer.meta_batch_size)
+            out = ray.get(learner.step.remote(it, tasks))
+            row = iteration_row(it, out, time.perf_counter() - start, total_steps)
+            total_steps = row["total_env_steps"]
+            rows.append(row)
+            run.write_metrics(rows)
+            faults = sum(row[k] for k in FAULT_KEYS)
+            log(f"iter {it + 1:4d}/{config.outer.iterations}  pre {row['pre_return']:9.3f}  "
+                f"post {row['post_return']:9.3f}  steps/s {row['env_steps_per_s']:8.0f}  "
+                f"{row['time_iteration_s']:.2f}s" + (f"  faults {faults}" if faults else ""))
+            if it + 1 == config.outer.iterations or (it + 1) % config.checkpoint.every == 0:
+                run.save_checkpoint(it + 1, ray.get(learner.get_state.remote()), config, config.checkpoint.keep)
+        final = ray.get(learner.get_state.remote())["params"].numpy()
+        result = evaluate(WorkerPool(workers), runner.family, final, config.eval.tasks, config.eval.steps,
+                          config.seed)
+    finally:
+        for actor in [*workers, learner]:
+            ray.kill(actor, no_restart=True)
     return {"params": final, "eval": result, "rows": rows}
 
 
@@ -87,7 +122,7 @@ def eval_run(config: Config, flat_params: np.ndarray, tasks: int, steps: int, se
     runner = TaskRunner(config)
     workers = start_workers(config)
     try:
-        return evaluate(workers, runner.family, flat_params, tasks, steps, seed)
+        return evaluate(WorkerPool(workers), runner.family, flat_params, tasks, steps, seed)
     finally:
         for actor in workers:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)

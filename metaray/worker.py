@@ -48,11 +48,20 @@ class Worker:
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int, seed: int) -> list[float]:
         return self.runner.evaluate(flat_params, task, steps, seeding.eval_episode_seed(seed, task_index))
 
-    def where(self) -> dict[str, Any]:
+    def ping(self) -> dict[str, Any]:
         return {"index": self.index, "node": self.node, "pid": os.getpid()}
 
 
-def start_workers(config: Config) -> list[ray.actor.ActorHandle]:
-    actor = ray.remote(Worker).options(num_cpus=config.resources.cpus_per_worker)
+def start_workers(config: Config, name_prefix: str | None = None) -> list[ray.actor.ActorHandle]:
+    """Restartable workers: Ray brings a dead one back; the pool re-runs what it lost.
+
+    With ``name_prefix`` the actors are named ``PREFIX-i``, so operators (and tests) can
+    find them with ``ray.get_actor``.
+    """
+    actor = ray.remote(Worker)
     dumped = config.model_dump(mode="json")
-    return [actor.remote(dumped, i) for i in range(config.resources.num_workers)]
+    return [
+        actor.options(num_cpus=config.resources.cpus_per_worker, max_restarts=-1, max_task_retries=0,
+                      name=f"{name_prefix}-{i}" if name_prefix else None).remote(dumped, i)
+        for i in range(config.resources.num_workers)
+    ]

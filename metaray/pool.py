@@ -1,0 +1,136 @@
+"""Fault-tolerant dispatch of per-task calls over restartable worker actors.
+
+Workers die (preempted nodes, OOM kills, ``ray.kill``). A task whose worker dies is run
+again, with the same task and the same seed, on a live worker; a task slower than
+``task_timeout_s`` is dispatched a second time and the first answer wins. Each task index
+is answered exactly once, so the update is the same as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+try:  # raised while a restarting actor cannot take calls
+    from ray.exceptions import ActorUnavailableError
+except ImportError:  # pragma: no cover - older Ray
+    ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
+
+LOST = (RayActorError, ActorUnavailableError)
+"""What a call raises when its worker died or is restarting."""
+
+
+class NoLiveWorkerError(RuntimeError):
+    pass
+
+
+@dataclass
+class FaultCounters:
+    worker_failures: int = 0
+    worker_restarts: int = 0
+    task_retries: int = 0
+    task_timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Flight:
+    index: int
+    worker: int
+    started: float
+
+
+@dataclass
+class WorkerPool:
+    workers: list[ray.actor.ActorHandle]
+    task_timeout_s: float | None = None
+    no_worker_timeout_s: float = 300.0
+    depth: int = 2  # calls queued per worker, so a worker never idles waiting for the next
+    counters: FaultCounters = field(default_factory=FaultCounters)
+    _down: dict[int, ray.ObjectRef] = field(default_factory=dict)  # worker -> pending ping
+
+    def live(self) -> list[int]:
+        return [w for w in range(len(self.workers)) if w not in self._down]
+
+    def mark_down(self, w: int) -> None:
+        """Stop dispatching to ``w`` until Ray has restarted it (a ping answers)."""
+        if w not in self._down:
+            self.counters.worker_failures += 1
+            self._down[w] = self.workers[w].ping.remote()
+
+    def _poll_down(self) -> None:
+        """Take back workers that Ray restarted (their ping answered)."""
+        if not self._down:
+            return
+        ready, _ = ray.wait(list(self._down.values()), num_returns=len(self._down), timeout=0)
+        for w, ref in list(self._down.items()):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except LOST:
+                    self._down[w] = self.workers[w].ping.remote()
+                    continue
+                del self._down[w]
+                self.counters.worker_restarts += 1
+
+    def map(self, call: Callable[[ray.actor.ActorHandle, int], ray.ObjectRef], indices: list[int],
+            on_result: Callable[[int, int, Any], None]) -> None:
+        """Run ``call(worker, index)`` once per index; ``on_result(index, worker, value)`` in arrival order.
+
+        Application errors (a bug, a failing env) propagate; losing a worker does not.
+        """
+        queue = deque(indices)
+        done: set[int] = set()
+        flights: dict[ray.ObjectRef, _Flight] = {}
+        load = [0] * len(self.workers)
+        waiting_since = time.monotonic()
+        while len(done) < len(indices):
+            self._poll_down()
+            live = self.live()
+            for w in sorted(live, key=lambda w: load[w]):
+                while queue and load[w] < self.depth:
+                    index = queue.popleft()
+                    if index in done:
+                        continue
+                    flights[call(self.workers[w], index)] = _Flight(index, w, time.monotonic())
+                    load[w] += 1
+            if not flights:
+                if not live and time.monotonic() - waiting_since > self.no_worker_timeout_s:
+                    raise NoLiveWorkerError(f"no live worker for {self.no_worker_timeout_s:.0f}s")
+                time.sleep(0.2)
+                continue
+            waiting_since = time.monotonic()
+            ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+            for ref in ready:
+                flight = flights.pop(ref)
+                load[flight.worker] -= 1
+                try:
+                    value = ray.get(ref)
+                except LOST:
+                    self.mark_down(flight.worker)
+                    if flight.index not in done:
+                        self.counters.task_retries += 1
+                        queue.appendleft(flight.index)
+                    continue
+                if flight.index not in done:  # a straggler's twin may have answered first
+                    done.add(flight.index)
+                    on_result(flight.index, flight.worker, value)
+            self._redispatch_stragglers(flights, queue, done)
+
+    def _redispatch_stragglers(self, flights: dict[ray.ObjectRef, _Flight], queue: deque, done: set[int]) -> None:
+        if self.task_timeout_s is None:
+            return
+        now = time.monotonic()
+        for flight in flights.values():
+            if flight.index not in done and now - flight.started > self.task_timeout_s:
+                flight.started = float("inf")  # re-dispatch a straggler once per attempt
+                self.counters.task_timeouts += 1
+                queue.append(flight.index)
