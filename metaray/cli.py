@@ -63,12 +63,14 @@ def train(
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
     def run() -> None:
-        from metaray.cluster import ray_session
+        from metaray.cluster import check_reachable, ray_session, resolve_address
         from metaray.run_dir import RunDir
         from metaray.task_runner import TaskRunner
         from metaray.trainer import check_compatible
         from metaray.trainer import train as train_loop
 
+        if resolve_address(address):
+            check_reachable(resolve_address(address))  # before anything is written
         if resume is not None:
             if config is not None or output is not None or overwrite:
                 raise ConfigError("--resume RUN_DIR takes its config and directory from the run; "

@@ -22,7 +22,7 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
     ``ray://HOST:PORT``. Without one, an embedded instance on loopback is started with
     enough CPUs for every worker to be placed.
     """
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
         yield
         return
@@ -42,6 +42,11 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else ``RAY_ADDRESS``, else None (embedded)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 class UnreachableClusterError(ConnectionError):

@@ -80,9 +80,11 @@ class Policy(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> Distribution:
         out = self.body(obs)
+        # No argument validation: it costs time on every step, and non-finite parameters
+        # are caught by the task runner instead.
         if self.spec.discrete:
-            return Categorical(logits=out)
-        return Independent(Normal(out, self.log_std.exp()), 1)
+            return Categorical(logits=out, validate_args=False)
+        return Independent(Normal(out, self.log_std.exp(), validate_args=False), 1, validate_args=False)
 
     def dist(self, obs: torch.Tensor, params: Params) -> Distribution:
         return functional_call(self, params, (obs,))

@@ -122,6 +122,10 @@ def fit_baseline(episodes: Episodes, gamma: float) -> torch.Tensor:
     x = (feats * mask.unsqueeze(-1)).reshape(-1, feats.shape[-1])
     y = (targets * mask).reshape(-1, 1)
     xtx, xty = x.T @ x, x.T @ y
+    if not (torch.isfinite(xtx).all() and torch.isfinite(xty).all()):
+        # Non-finite rewards or observations: let NaN flow into the update, which the
+        # learner rejects, instead of crashing the solver on the worker.
+        return torch.full_like(episodes.rewards, float("nan"))
     eye = torch.eye(xtx.shape[0], dtype=torch.float64)
     reg = 1e-5
     for _ in range(5):

@@ -29,6 +29,10 @@ class TaskEnvError(RuntimeError):
     """A family's make_env failed for a task; the message names both."""
 
 
+class NonFiniteError(ArithmeticError):
+    """Adaptation produced NaN or inf parameters: the task's update is void."""
+
+
 class LostTaskStateError(RuntimeError):
     """Asked about a task whose episodes this worker no longer holds (it was restarted)."""
 
@@ -115,6 +119,8 @@ class TaskRunner:
     def sample(self, params: Params, envs: list[gym.Env], env_seeds: list[int], torch_seed: int) -> Episodes:
         gen = torch.Generator().manual_seed(torch_seed)
         detached = {k: v.detach() for k, v in params.items()}
+        if not all(torch.isfinite(v).all() for v in detached.values()):
+            raise NonFiniteError("non-finite policy parameters")
         episodes = collect(self.policy, detached, envs, self.config.rollout.horizon, env_seeds, gen)
         r = self.config.rollout
         return compute_advantages(episodes, r.gamma, r.gae_lambda, r.normalize_advantages)
@@ -132,41 +138,49 @@ class TaskRunner:
         iteration: int = 0,
     ) -> TaskResult:
         start = time.perf_counter()
-        cfg = self.config
         rng = np.random.default_rng(seed)
         envs = self.make_envs(task)
         theta = self.params_from(flat_params)
         inner = self._losses(envs, rng)
         valid = EpisodeLoss(self, envs, rng)
-        if cfg.algorithm == "reptile":
-            delta, phi = reptile_delta(theta, list(inner), cfg.inner.lr)
-            vector, outer_loss = delta, float("nan")
-            valid.sample(phi)
-        else:
-            def outer(phi: Params) -> torch.Tensor:
-                episodes = valid.sample(phi)
-                old = log_probs(self.policy, phi, episodes).detach()
-                return surrogate_loss(self.policy, phi, episodes, old)
-
-            first_order = cfg.algorithm == "fomaml"
-            vector, loss, phi = meta_gradient(theta, list(inner), outer, cfg.inner.lr, first_order)
-            outer_loss = float(loss)
-            if cfg.outer.optimizer == "trpo":
-                self._keep_for_trpo(iteration, task_index, phi, inner, valid.episodes)
+        try:
+            vector, outer_loss = self._update(iteration, task_index, theta, inner, valid)
+        except NonFiniteError:  # returned, counted and rejected by the learner, never applied
+            vector, outer_loss = torch.full((self.n_params,), float("nan")), float("nan")
         sample_s = sum(loss.sample_s for loss in inner) + valid.sample_s
         for env in envs:
             env.close()
         total = time.perf_counter() - start
-        episodes = [loss.episodes for loss in inner] + [valid.episodes]
+        episodes = [e.episodes for e in [*inner, valid] if e.episodes is not None]
+        nan = float("nan")
         return TaskResult(
             task_index=task_index,
             vector=vector.numpy().astype(np.float32),
             outer_loss=outer_loss,
-            pre_return=float(inner[0].episodes.returns.mean()),
-            post_return=float(valid.episodes.returns.mean()),
+            pre_return=float(inner[0].episodes.returns.mean()) if inner[0].episodes is not None else nan,
+            post_return=float(valid.episodes.returns.mean()) if valid.episodes is not None else nan,
             env_steps=sum(e.steps for e in episodes),
             timings={"sample_s": sample_s, "adapt_s": total - sample_s},
         )
+
+    def _update(self, iteration: int, task_index: int, theta: Params, inner: list[EpisodeLoss],
+                valid: EpisodeLoss) -> tuple[torch.Tensor, float]:
+        """The task's contribution to the outer step: (vector, outer loss)."""
+        cfg = self.config
+        if cfg.algorithm == "reptile":
+            delta, phi = reptile_delta(theta, list(inner), cfg.inner.lr)
+            valid.sample(phi)  # post-adaptation return, for the metrics
+            return delta, float("nan")
+
+        def outer(phi: Params) -> torch.Tensor:
+            episodes = valid.sample(phi)
+            old = log_probs(self.policy, phi, episodes).detach()
+            return surrogate_loss(self.policy, phi, episodes, old)
+
+        vector, loss, phi = meta_gradient(theta, list(inner), outer, cfg.inner.lr, cfg.algorithm == "fomaml")
+        if cfg.outer.optimizer == "trpo":
+            self._keep_for_trpo(iteration, task_index, phi, inner, valid.episodes)
+        return vector, float(loss)
 
     # -- TRPO: products and line-search values on the episodes kept here -------------------
 
@@ -221,12 +235,15 @@ class TaskRunner:
         rng = np.random.default_rng(seed)
         envs = self.make_envs(task)
         params = self.params_from(flat_params)
-        returns = []
-        for k in range(steps + 1):
-            loss = EpisodeLoss(self, envs, rng)
-            returns.append(float(loss.sample(params).returns.mean()))
-            if k < steps:
-                params = adapt(leaf_params(params), [loss], self.config.inner.lr, create_graph=False)
+        returns: list[float] = []
+        try:
+            for k in range(steps + 1):
+                loss = EpisodeLoss(self, envs, rng)
+                returns.append(float(loss.sample(params).returns.mean()))
+                if k < steps:
+                    params = adapt(leaf_params(params), [loss], self.config.inner.lr, create_graph=False)
+        except NonFiniteError:  # a task whose rewards break adaptation reports NaN from there on
+            returns += [float("nan")] * (steps + 1 - len(returns))
         for env in envs:
             env.close()
         return returns

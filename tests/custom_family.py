@@ -26,11 +26,17 @@ class GoalLineEnv(gym.Env):
 
 
 class GoalLine:
-    def __init__(self, max_speed: float = 0.1, broken: bool = False) -> None:
-        self.max_speed, self.broken = max_speed, broken
+    """Options for fault tests: ``broken`` makes make_env raise; every ``nan_every``-th task
+    has a NaN target, so its rewards and its whole update are NaN."""
+
+    def __init__(self, max_speed: float = 0.1, broken: bool = False, nan_every: int = 0) -> None:
+        self.max_speed, self.broken, self.nan_every = max_speed, broken, nan_every
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
-        return [{"target": float(t)} for t in rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.5, 1.0, size=n)]
+        targets = rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.5, 1.0, size=n)
+        if self.nan_every:
+            targets[:: self.nan_every] = np.nan
+        return [{"target": float(t)} for t in targets]
 
     def make_env(self, task: dict) -> gym.Env:
         if self.broken:

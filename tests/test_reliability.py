@@ -1,0 +1,167 @@
+"""Faults a long run meets: dead workers, killed drivers, damaged checkpoints, bad results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from metaray.config import ConfigError, load_config
+from metaray.run_dir import RunDir
+from metaray.trainer import train
+from tests.conftest import ROOT, run_cli
+
+BUSY = ["outer.iterations=5", "outer.meta_batch_size=16", "inner.steps=2", "policy.hidden_sizes=[32]",
+        "eval.tasks=2", "checkpoint.every=2"]
+
+
+def _wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
+    """ray.kill a worker during iteration 2: the run finishes, every task counted once, same result."""
+    cfg = load_config("quickstart", BUSY)
+    reference = RunDir(tmp_path / "reference")
+    reference.prepare(cfg, overwrite=False)
+    expected = train(cfg, reference, log=lambda _: None)["params"]
+
+    run = RunDir(tmp_path / "faulty")
+    run.prepare(cfg, overwrite=False)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(train(cfg, run, log=lambda _: None)))
+    thread.start()
+    _wait_for(lambda: len(run.read_metrics()) >= 1, what="the first iteration")
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("metaray-worker-")]
+    victim = ray.get_actor(sorted(names)[0])
+    ray.kill(victim, no_restart=False)  # Ray restarts it; its in-flight tasks are lost
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "params" in outcome
+
+    rows = run.read_metrics()
+    assert [r["iteration"] for r in rows] == list(range(5))
+    for r in rows:  # each (iteration, task index) result counted exactly once
+        assert r["tasks_counted"] == 16 and r["task_indices"] == ",".join(map(str, range(16)))
+    assert sum(r["worker_failures"] for r in rows) >= 1
+    assert sum(r["task_retries"] for r in rows) >= 1
+    print(f"worker failures {sum(r['worker_failures'] for r in rows)}, tasks re-run "
+          f"{sum(r['task_retries'] for r in rows)}, restarts {sum(r['worker_restarts'] for r in rows)}")
+    assert np.array_equal(outcome["params"], expected), "failover must not change the meta-parameters"
+
+
+def test_nan_results_are_rejected_and_never_applied(ray_local, tmp_path):
+    overrides = ["task.family=tests.custom_family:GoalLine", "task.options.nan_every=3", "outer.iterations=2",
+                 "outer.meta_batch_size=6", "inner.episodes=3", "rollout.horizon=10", "eval.tasks=2"]
+    cfg = load_config("quickstart", overrides)
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, overwrite=False)
+    out = train(cfg, run, log=lambda _: None)
+    assert np.isfinite(out["params"]).all()
+    assert [r["rejected_results"] for r in run.read_metrics()] == [2, 2]  # tasks 0 and 3 of 6
+
+    cfg = load_config("quickstart", [*overrides, "task.options.nan_every=1", "resources.max_iteration_retries=1"])
+    run = RunDir(tmp_path / "all-nan")
+    run.prepare(cfg, overwrite=False)
+    with pytest.raises(Exception, match="only 0 of 6 task results were finite after 2 attempts"):
+        train(cfg, run, log=lambda _: None)
+    assert not run.checkpoint_files(), "nothing broken may be saved"
+
+
+def test_driver_killed_then_resumed_is_bit_identical(ray_local, ray_address, tmp_path):
+    """SIGKILL the driver between checkpoints; --resume ends where an uninterrupted run ends."""
+    overrides = [*BUSY, "outer.iterations=6", "outer.optimizer=adam"]
+    cfg = load_config("quickstart", overrides)
+    reference = RunDir(tmp_path / "reference")
+    reference.prepare(cfg, overwrite=False)
+    expected = train(cfg, reference, log=lambda _: None)["params"]
+
+    out = tmp_path / "run"
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    driver = subprocess.Popen([sys.executable, "-m", "metaray.cli", "train", "quickstart", *sets, "--output",
+                               str(out), "--address", ray_address], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    run = RunDir(out)
+    try:
+        _wait_for(lambda: out.exists() and len(run.read_metrics()) >= 3, what="iteration 3")  # checkpoint 2 exists
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert len(run.read_metrics()) < 6, "the driver was meant to die mid-run"
+    proc = run_cli("train", "--resume", str(out), "--address", ray_address)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from iteration" in proc.stdout
+    assert np.array_equal(run.latest_checkpoint()["params"].numpy(), expected)
+    assert [r["iteration"] for r in run.read_metrics()] == list(range(6))
+
+
+def test_truncated_checkpoint_is_refused_on_resume(tmp_path):
+    cfg = load_config("quickstart", ["policy.hidden_sizes=[4]"])
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, overwrite=False)
+    import torch
+
+    for it in (2, 4):
+        run.save_checkpoint(it, {"params": torch.zeros(3), "optimizer": None}, cfg, keep=3)
+    newest = run.checkpoint_files()[-1]
+    newest.write_bytes(newest.read_bytes()[:-100])
+    config_before = run.config_path.read_text()
+    with pytest.raises(ConfigError, match=r"checkpoint_000004\.pt is corrupt.*delete it to resume from"):
+        run.latest_checkpoint()
+    proc = run_cli("train", "--resume", str(run.path))
+    assert proc.returncode == 2 and "is corrupt: its checksum does not match" in proc.stderr
+    assert run.config_path.read_text() == config_before
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "quickstart", "--output", str(out), "--set", "outer.iterations=1", "--set",
+                   "outer.meta_batch_size=2", "--set", "inner.episodes=2", "--set", "rollout.horizon=5",
+                   "--set", "eval.tasks=1")
+    assert proc.returncode == 0, proc.stderr
+    before = (out / "config.yaml").read_text()
+    proc = run_cli("train", "--resume", str(out), "--set", "policy.hidden_sizes=[32]")
+    assert proc.returncode == 2 and "holds a policy of 4484 parameters" in proc.stderr
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_kill_during_checkpoint_write_leaves_no_valid_looking_file(tmp_path):
+    """A writer SIGKILLed mid-write leaves only its hidden temporary file, never a bad checkpoint."""
+    script = (
+        "import sys, torch; from metaray.config import load_config; from metaray.run_dir import RunDir\n"
+        "run = RunDir(sys.argv[1]); cfg = load_config('quickstart')\n"
+        "run.save_checkpoint(1, {'params': torch.ones(10), 'optimizer': None}, cfg, keep=5)\n"
+        "print('first', flush=True)\n"
+        "run.save_checkpoint(2, {'params': torch.randn(200_000_000), 'optimizer': None}, cfg, keep=5)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "first"
+    run = RunDir(tmp_path)
+    _wait_for(lambda: any(p.stat().st_size > 0 for p in run.checkpoints.glob(".checkpoint_000002.pt.*.tmp")),
+              what="the second checkpoint's write")
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert [p.name for p in run.checkpoint_files()] == ["checkpoint_000001.pt"]
+    assert run.latest_checkpoint()["params"].tolist() == [1.0] * 10
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2:1", "ray://127.0.0.2:1"])
+def test_unreachable_address_fails_fast_naming_it(tmp_path, address):
+    start = time.monotonic()
+    proc = run_cli("train", "quickstart", "--output", str(tmp_path / "run"), "--address", address)
+    assert proc.returncode == 1
+    assert f"cannot reach the Ray cluster at {address}" in proc.stderr
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "run").exists()
