@@ -36,7 +36,7 @@ def _run_guarded(fn):
         return fn()
     except ConfigError as err:
         raise _fail(str(err), 2) from None
-    except UnreachableClusterError as err:
+    except (UnreachableClusterError, ConnectionError) as err:
         raise _fail(str(err), 1) from None
     except TaskEnvError as err:
         raise _fail(str(err), 1) from None
@@ -139,6 +139,81 @@ def eval_(
             typer.echo(f"{k:>5}  {m:12.3f}  {s:9.3f}  {e:9.3f}")
 
     _run_guarded(run)
+
+
+@app.command()
+def submit(
+    config: Annotated[str, typer.Argument(help="Preset name, or a YAML file inside the working directory.")],
+    address: Annotated[str | None, typer.Option(help="Job server, http://HOST:8265.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key.path=value, repeatable.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Run dir on the cluster.")] = None,
+    working_dir: Annotated[str | None, typer.Option(help="Directory uploaded as the job's working dir.")] = ".",
+    pip: Annotated[list[str] | None, typer.Option(help="pip requirement installed for the job, repeatable.")] = None,
+    runtime_env: Annotated[Path | None, typer.Option(help="Runtime environment YAML (merged first).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the job is submitted.")] = False,
+) -> None:
+    """Submit `metaray train` as a Ray Job; exit 0 only if it SUCCEEDED (unless --no-wait)."""
+
+    def run() -> None:
+        from metaray import jobs
+
+        load_config(config, set_ or [])  # validate here: a typo fails now, not on the cluster
+        if config.endswith((".yaml", ".yml")) and working_dir is not None:
+            inside = Path(config).resolve().is_relative_to(Path(working_dir).resolve())
+            if Path(config).is_absolute() or not inside:
+                raise ConfigError(f"config file {config} must be a relative path inside the working directory "
+                                  f"{working_dir}, which is what the job sees")
+        env = jobs.build_runtime_env(runtime_env, working_dir or None, pip or [])
+        client = jobs.job_client(address)
+        job_id = client.submit_job(entrypoint=jobs.train_entrypoint(config, set_ or [], output), runtime_env=env)
+        typer.echo(f"submitted job {job_id}")
+        if no_wait:
+            return
+        status = jobs.follow(client, job_id, typer.echo, stream_logs=follow)
+        typer.echo(f"job {job_id} {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+    _run_guarded(run)
+
+
+jobs_app = typer.Typer(help="Status, logs and stopping of submitted jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobAddressOpt = Annotated[str | None, typer.Option(help="Job server, http://HOST:8265.")]
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: JobAddressOpt = None) -> None:
+    """Print a job's status; exit 0 for SUCCEEDED, PENDING or RUNNING."""
+    from metaray import jobs
+
+    info = _run_guarded(lambda: jobs.job_client(address).get_job_info(job_id))
+    typer.echo(f"{job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
+    if info.status.value in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: JobAddressOpt = None,
+              follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False) -> None:
+    """Print a job's logs."""
+    from metaray import jobs
+
+    client = _run_guarded(lambda: jobs.job_client(address))
+    if follow:
+        jobs.follow(client, job_id, typer.echo, stream_logs=True)
+    else:
+        typer.echo(client.get_job_logs(job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: JobAddressOpt = None) -> None:
+    """Ask the job server to stop a job."""
+    from metaray import jobs
+
+    stopped = _run_guarded(lambda: jobs.job_client(address).stop_job(job_id))
+    typer.echo(f"{job_id} {'stop requested' if stopped else 'was not running'}")
 
 
 @app.command()

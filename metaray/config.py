@@ -114,6 +114,10 @@ class ResourcesConfig(_Section):
     """Worker actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker actor (also its torch thread count, rounded up)."""
+    placement: Literal["spread", "pack"] = "spread"
+    """spread: one worker per node where possible; pack: Ray's default, filling a node first."""
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker needs (e.g. {"spot": 1} to land on labelled nodes)."""
     task_timeout_s: float | None = Field(None, gt=0)
     """Dispatch a task again on another worker when it runs longer than this (None: never)."""
     min_valid_fraction: float = Field(0.5, gt=0, le=1)

@@ -1,9 +1,11 @@
 """Fault-tolerant dispatch of per-task calls over restartable worker actors.
 
-Workers die (preempted nodes, OOM kills, ``ray.kill``). A task whose worker dies is run
-again, with the same task and the same seed, on a live worker; a task slower than
-``task_timeout_s`` is dispatched a second time and the first answer wins. Each task index
-is answered exactly once, so the update is the same as if nothing had happened.
+Workers die (preempted nodes, OOM kills, ``ray.kill``) and some never start (a cluster
+short of CPUs, an autoscaler still adding nodes). Calls go only to workers that have
+answered a ping. A task whose worker dies is run again, with the same task and the same
+seed, on a live worker; a task slower than ``task_timeout_s`` is dispatched a second time
+and the first answer wins. Each task index is answered exactly once, so the update is the
+same as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -55,31 +57,37 @@ class WorkerPool:
     no_worker_timeout_s: float = 300.0
     depth: int = 2  # calls queued per worker, so a worker never idles waiting for the next
     counters: FaultCounters = field(default_factory=FaultCounters)
-    _down: dict[int, ray.ObjectRef] = field(default_factory=dict)  # worker -> pending ping
+    _pings: dict[int, ray.ObjectRef] = field(default_factory=dict)  # not (yet, again) ready
+    _failed: set[int] = field(default_factory=set)  # answered a ping only before a failure
 
-    def live(self) -> list[int]:
-        return [w for w in range(len(self.workers)) if w not in self._down]
+    def __post_init__(self) -> None:
+        self._pings = {w: actor.ping.remote() for w, actor in enumerate(self.workers)}
+
+    def ready(self) -> list[int]:
+        return [w for w in range(len(self.workers)) if w not in self._pings]
 
     def mark_down(self, w: int) -> None:
-        """Stop dispatching to ``w`` until Ray has restarted it (a ping answers)."""
-        if w not in self._down:
+        """Stop dispatching to ``w`` until it answers a ping again (Ray restarts it)."""
+        if w not in self._pings:
             self.counters.worker_failures += 1
-            self._down[w] = self.workers[w].ping.remote()
+            self._failed.add(w)
+            self._pings[w] = self.workers[w].ping.remote()
 
-    def _poll_down(self) -> None:
-        """Take back workers that Ray restarted (their ping answered)."""
-        if not self._down:
+    def _poll_pings(self, timeout: float = 0) -> None:
+        if not self._pings:
             return
-        ready, _ = ray.wait(list(self._down.values()), num_returns=len(self._down), timeout=0)
-        for w, ref in list(self._down.items()):
+        ready, _ = ray.wait(list(self._pings.values()), num_returns=len(self._pings), timeout=timeout)
+        for w, ref in list(self._pings.items()):
             if ref in ready:
                 try:
                     ray.get(ref)
                 except LOST:
-                    self._down[w] = self.workers[w].ping.remote()
+                    self._pings[w] = self.workers[w].ping.remote()
                     continue
-                del self._down[w]
-                self.counters.worker_restarts += 1
+                del self._pings[w]
+                if w in self._failed:
+                    self._failed.discard(w)
+                    self.counters.worker_restarts += 1
 
     def map(self, call: Callable[[ray.actor.ActorHandle, int], ray.ObjectRef], indices: list[int],
             on_result: Callable[[int, int, Any], None]) -> None:
@@ -91,23 +99,21 @@ class WorkerPool:
         done: set[int] = set()
         flights: dict[ray.ObjectRef, _Flight] = {}
         load = [0] * len(self.workers)
-        waiting_since = time.monotonic()
+        idle_since = time.monotonic()
         while len(done) < len(indices):
-            self._poll_down()
-            live = self.live()
-            for w in sorted(live, key=lambda w: load[w]):
+            self._poll_pings()
+            for w in sorted(self.ready(), key=lambda w: load[w]):
                 while queue and load[w] < self.depth:
                     index = queue.popleft()
-                    if index in done:
-                        continue
-                    flights[call(self.workers[w], index)] = _Flight(index, w, time.monotonic())
-                    load[w] += 1
-            if not flights:
-                if not live and time.monotonic() - waiting_since > self.no_worker_timeout_s:
-                    raise NoLiveWorkerError(f"no live worker for {self.no_worker_timeout_s:.0f}s")
-                time.sleep(0.2)
+                    if index not in done:
+                        flights[call(self.workers[w], index)] = _Flight(index, w, time.monotonic())
+                        load[w] += 1
+            if not flights:  # nobody to run on yet: wait for a worker to come (back) up
+                if time.monotonic() - idle_since > self.no_worker_timeout_s:
+                    raise NoLiveWorkerError(f"no worker answered for {self.no_worker_timeout_s:.0f}s")
+                self._poll_pings(timeout=1.0)
                 continue
-            waiting_since = time.monotonic()
+            idle_since = time.monotonic()
             ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
             for ref in ready:
                 flight = flights.pop(ref)
@@ -131,6 +137,6 @@ class WorkerPool:
         now = time.monotonic()
         for flight in flights.values():
             if flight.index not in done and now - flight.started > self.task_timeout_s:
-                flight.started = float("inf")  # re-dispatch a straggler once per attempt
+                flight.started = float("inf")  # one twin per straggler
                 self.counters.task_timeouts += 1
                 queue.append(flight.index)

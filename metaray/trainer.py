@@ -31,6 +31,7 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
     kept = [t for t in tasks if not t["rejected"]] or tasks
     steps = sum(t["env_steps"] for t in tasks)
     nodes = Counter(t["worker"].split("@")[-1] for t in tasks)
+    workers = Counter(w.split("@")[-1] for w in {t["worker"] for t in tasks})
     return {
         "iteration": iteration,
         "pre_return": float(np.mean([t["pre_return"] for t in kept])),
@@ -50,6 +51,7 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "iteration_attempts": out["iteration_attempts"],
         **{k: out[k] for k in FAULT_KEYS},
         "tasks_per_node": ",".join(f"{k}={v}" for k, v in sorted(nodes.items())),
+        "workers_per_node": ",".join(f"{k}={v}" for k, v in sorted(workers.items())),
     }
 
 

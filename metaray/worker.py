@@ -58,10 +58,12 @@ def start_workers(config: Config, name_prefix: str | None = None) -> list[ray.ac
     With ``name_prefix`` the actors are named ``PREFIX-i``, so operators (and tests) can
     find them with ``ray.get_actor``.
     """
+    res = config.resources
     actor = ray.remote(Worker)
     dumped = config.model_dump(mode="json")
     return [
-        actor.options(num_cpus=config.resources.cpus_per_worker, max_restarts=-1, max_task_retries=0,
+        actor.options(num_cpus=res.cpus_per_worker, resources=res.worker_resources or None, max_restarts=-1,
+                      max_task_retries=0, scheduling_strategy="SPREAD" if res.placement == "spread" else "DEFAULT",
                       name=f"{name_prefix}-{i}" if name_prefix else None).remote(dumped, i)
-        for i in range(config.resources.num_workers)
+        for i in range(res.num_workers)
     ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Ray clusters that live only inside a test: no auth, no usage stats, state in a temp dir.
 _TMP = Path(tempfile.mkdtemp(prefix="metaray-tests-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(_TMP))
 
 
@@ -44,3 +47,57 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.Co
         [sys.executable, "-m", "metaray.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
     )
+
+
+def _quantity(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if str(value).endswith(suffix):
+            return int(float(str(value)[: -len(suffix)]) * factor)
+    return int(float(value))
+
+
+def start_params(group: dict, ip: str) -> dict[str, str]:
+    """What KubeRay would pass to `ray start` for a group: its rayStartParams, plus num-cpus and
+    memory from the container's limits. Bind addresses become the node's loopback address."""
+    params = {k: str(v) for k, v in (group.get("rayStartParams") or {}).items()}
+    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    if "cpu" in limits:
+        params.setdefault("num-cpus", str(int(float(str(limits["cpu"]).removesuffix("m")) /
+                                             (1000 if str(limits["cpu"]).endswith("m") else 1))))
+    if "memory" in limits:
+        params.setdefault("memory", str(_quantity(limits["memory"])))
+    if params.get("dashboard-host") == "0.0.0.0":
+        params["dashboard-host"] = ip
+    return params
+
+
+@pytest.fixture(scope="session")
+def loopback_cluster():
+    """A multi-node cluster on 127.0.0.4 (head) and 127.0.0.5+ (one node per worker replica),
+    started with the rayStartParams and CPU/memory limits of k8s/rayjob.yaml."""
+    import time
+
+    import yaml
+
+    from tests.loopback import LoopbackCluster
+
+    spec = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    # The nodes run in this virtualenv, as pods run in the image: `python` in a job is ours.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp")),
+                              env={"RAY_AUTH_MODE": "disabled", "PATH": path})
+    start = time.monotonic()
+    try:
+        cluster.start_head(start_params(spec["headGroupSpec"], cluster.head_ip))
+        ip = 5
+        for group in spec["workerGroupSpecs"]:
+            for _ in range(group.get("replicas", 1)):
+                cluster.add_node(f"127.0.0.{ip}", start_params(group, f"127.0.0.{ip}"))
+                ip += 1
+        cluster.startup_s = time.monotonic() - start
+        print(f"\nloopback cluster of {len(cluster.nodes)} nodes up in {cluster.startup_s:.1f}s")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)

@@ -29,8 +29,11 @@ class GoalLine:
     """Options for fault tests: ``broken`` makes make_env raise; every ``nan_every``-th task
     has a NaN target, so its rewards and its whole update are NaN."""
 
-    def __init__(self, max_speed: float = 0.1, broken: bool = False, nan_every: int = 0) -> None:
+    def __init__(self, max_speed: float = 0.1, broken: bool = False, nan_every: int = 0,
+                 stall_target: float | None = None, stall_s: float = 0.0, stall_marker: str = "") -> None:
         self.max_speed, self.broken, self.nan_every = max_speed, broken, nan_every
+        # Straggler: the first env made for the task with this target stalls, once.
+        self.stall_target, self.stall_s, self.stall_marker = stall_target, stall_s, stall_marker
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
         targets = rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.5, 1.0, size=n)
@@ -41,4 +44,13 @@ class GoalLine:
     def make_env(self, task: dict) -> gym.Env:
         if self.broken:
             raise RuntimeError("simulator licence expired")
+        if self.stall_target is not None and task["target"] == self.stall_target:
+            import os
+            import time
+
+            try:
+                os.close(os.open(self.stall_marker, os.O_CREAT | os.O_EXCL))
+                time.sleep(self.stall_s)
+            except FileExistsError:
+                pass
         return GoalLineEnv(task["target"], self.max_speed)

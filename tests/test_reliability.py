@@ -61,6 +61,32 @@ def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
     assert np.array_equal(outcome["params"], expected), "failover must not change the meta-parameters"
 
 
+def test_straggler_is_redispatched_after_the_task_timeout(ray_local, tmp_path):
+    """One task stalls once for 4s; with a 1s timeout its twin answers on the other worker."""
+    from metaray import seeding
+    from metaray.tasks import make_family
+
+    base = ["task.family=tests.custom_family:GoalLine", "outer.iterations=2", "outer.meta_batch_size=4",
+            "inner.episodes=3", "rollout.horizon=10", "eval.tasks=2"]
+    targets = [t["target"] for t in seeding.train_tasks(make_family("tests.custom_family:GoalLine", {}), 0, 0, 4)]
+    stall = targets[2]  # task 2 of iteration 0
+    cfg = load_config("quickstart", base)
+    reference = RunDir(tmp_path / "reference")
+    reference.prepare(cfg, overwrite=False)
+    expected = train(cfg, reference, log=lambda _: None)["params"]
+    cfg = load_config("quickstart", [*base, "resources.task_timeout_s=1", f"task.options.stall_target={stall!r}",
+                                     "task.options.stall_s=4", f"task.options.stall_marker={tmp_path / 'stalled'}"])
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, overwrite=False)
+    out = train(cfg, run, log=lambda _: None)
+    rows = run.read_metrics()
+    # The stalled task and the one queued behind it on the same worker are both re-dispatched.
+    assert rows[0]["task_timeouts"] >= 1  # (iteration 1 may also route around the still-stalled worker)
+    assert all(r["task_indices"] == "0,1,2,3" for r in rows)
+    assert rows[0]["time_iteration_s"] < 3.5, "the twin, not the straggler, must have finished the iteration"
+    assert np.array_equal(out["params"], expected)
+
+
 def test_nan_results_are_rejected_and_never_applied(ray_local, tmp_path):
     overrides = ["task.family=tests.custom_family:GoalLine", "task.options.nan_every=3", "outer.iterations=2",
                  "outer.meta_batch_size=6", "inner.episodes=3", "rollout.horizon=10", "eval.tasks=2"]

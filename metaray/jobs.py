@@ -1,0 +1,76 @@
+"""Ray Jobs: submit ``metaray train`` to a cluster's job server and follow it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+from metaray.config import ConfigError
+
+DEFAULT_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_client(address: str | None) -> JobSubmissionClient:
+    """A client for the job server at ``address`` (http://HOST:8265), failing with the address named."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("no job server: pass --address http://HOST:8265 (or set RAY_API_SERVER_ADDRESS)")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # ConnectionError, or a RuntimeError wrapping one
+        raise ConnectionError(f"cannot reach the Ray job server at {address}: {err}") from None
+
+
+def build_runtime_env(runtime_env_file: Path | None, working_dir: str | None, pip: list[str]) -> dict[str, Any]:
+    """A runtime environment from a YAML file, a working directory to upload, and pip packages."""
+    env: dict[str, Any] = {}
+    if runtime_env_file is not None:
+        try:
+            env = yaml.safe_load(runtime_env_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"runtime environment {runtime_env_file}: {err}") from None
+        if not isinstance(env, dict):
+            raise ConfigError(f"runtime environment {runtime_env_file} must be a mapping")
+    if working_dir is not None:
+        env["working_dir"] = working_dir
+    if "working_dir" in env:
+        env.setdefault("excludes", DEFAULT_EXCLUDES)
+    if pip:
+        env["pip"] = [*env.get("pip", []), *pip]
+    env.setdefault("env_vars", {}).setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def train_entrypoint(config: str, overrides: list[str], output: str | None) -> str:
+    args = ["python", "-m", "metaray.cli", "train", config]
+    for o in overrides:
+        args += ["--set", o]
+    if output:
+        args += ["--output", output]
+    return shlex.join(args)
+
+
+def follow(client: JobSubmissionClient, job_id: str, echo: Callable[[str], None], stream_logs: bool) -> str:
+    """Wait for the job to end (streaming its logs if asked); return its final status."""
+    if stream_logs:
+        async def tail() -> None:
+            async for chunk in client.tail_job_logs(job_id):
+                echo(chunk.rstrip("\n"))
+
+        asyncio.run(tail())
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+        time.sleep(1.0)
+    return status

@@ -1,0 +1,190 @@
+"""A real multi-node Ray cluster on loopback addresses, started and stopped by PID.
+
+Each node is a ``ray start --block`` process in a session of its own; stopping a node
+signals exactly the processes it started (its descendants and its process group), never
+anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
+                      "RAY_health_check_timeout_ms": "500", "RAY_health_check_initial_delay_ms": "0"}
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, stack = _children(), [], [pid]
+    while stack:
+        for child in tree.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@dataclass
+class Node:
+    ip: str
+    proc: subprocess.Popen
+    log: Path
+
+    def pids(self) -> list[int]:
+        return sorted({self.proc.pid, *descendants(self.proc.pid), *_group(self.proc.pid)})
+
+    def raylet_pid(self) -> int:
+        found = [p for p in descendants(self.proc.pid) if process_name(p) == "raylet"]
+        assert found, f"no raylet under node {self.ip}"
+        return found[0]
+
+    def stop(self) -> None:
+        """SIGTERM what this node started, then SIGKILL what is left (raylet ignores SIGTERM)."""
+        pids = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(alive(p) for p in pids):
+                time.sleep(0.1)
+        self.proc.wait(timeout=10)
+
+
+@dataclass
+class LoopbackCluster:
+    temp_dir: Path
+    head_ip: str = "127.0.0.4"
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    client_port: int = 0
+    nodes: list[Node] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_ip}:{self.gcs_port}"
+
+    @property
+    def client_address(self) -> str:
+        return f"ray://{self.head_ip}:{self.client_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.head_ip}:{self.dashboard_port}"
+
+    def _start(self, ip: str, args: list[str], extra_env: dict[str, str]) -> Node:
+        log = self.temp_dir / f"node-{ip}.log"
+        env = {**os.environ, **self.env, **extra_env}
+        proc = subprocess.Popen([RAY, "start", "--block", f"--node-ip-address={ip}", *args], cwd=self.temp_dir,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        node = Node(ip, proc, log)
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, params: dict[str, str], object_store_bytes: int = 100 * 1024**2) -> Node:
+        self.gcs_port = free_port(self.head_ip)
+        self.dashboard_port = free_port(self.head_ip)
+        self.client_port = free_port(self.head_ip)
+        args = ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir / 'ray'}",
+                f"--object-store-memory={object_store_bytes}", "--include-dashboard=true", "--disable-usage-stats",
+                *[f"--{k}={v}" for k, v in params.items()]]
+        node = self._start(self.head_ip, args, FAST_HEALTH_CHECKS)
+        self.wait_for_port(self.head_ip, self.dashboard_port, node)
+        self.wait_for_port(self.head_ip, self.client_port, node)
+        return node
+
+    def add_node(self, ip: str, params: dict[str, str], object_store_bytes: int = 100 * 1024**2) -> Node:
+        before = self.alive_nodes()
+        args = [f"--address={self.address}", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
+                *[f"--{k}={v}" for k, v in params.items()]]
+        node = self._start(ip, args, {})
+        deadline = time.monotonic() + 60
+        while self.alive_nodes() <= before:
+            if node.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node {ip} did not join: {node.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        return node
+
+    def alive_nodes(self) -> int:
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/nodes?view=summary", timeout=5) as r:
+                data = json.load(r)
+        except OSError:
+            return 0
+        return sum(1 for n in data["data"]["summary"] if n["raylet"]["state"] == "ALIVE")
+
+    @staticmethod
+    def wait_for_port(ip: str, port: int, node: Node, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((ip, port), timeout=1).close()
+                return
+            except OSError:
+                if node.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{ip}:{port} never opened: {node.log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.proc.poll() is None or node.pids():
+                node.stop()

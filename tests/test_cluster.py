@@ -1,0 +1,190 @@
+"""Real clusters: a multi-node Ray on loopback, Ray Client, Ray Jobs over HTTP, KubeRay manifests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from metaray.config import load_config
+from metaray.run_dir import RunDir
+from metaray.trainer import train
+from tests.conftest import ROOT, run_cli
+
+SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
+MANIFESTS = {"raycluster.yaml": "raycluster_v1.json", "rayjob.yaml": "rayjob_v1.json"}
+SHORT = ["--set", "outer.iterations=2", "--set", "outer.meta_batch_size=4", "--set", "inner.episodes=4",
+         "--set", "rollout.horizon=20", "--set", "eval.tasks=2"]
+
+
+def _check_schema(manifest: Path, schema: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("check-jsonschema")), "--schemafile",
+                           str(SCHEMAS / schema), str(manifest)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_validates_against_kuberay_schema(name):
+    proc = _check_schema(ROOT / "k8s" / name, MANIFESTS[name])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name,typo", [("raycluster.yaml", ("enableInTreeAutoscaling", "enableInTreeAutoscalling")),
+                                       ("rayjob.yaml", ("shutdownAfterJobFinishes", "shutdownAfterJobFinish"))])
+def test_misspelled_field_fails_the_schema(tmp_path, name, typo):
+    text = (ROOT / "k8s" / name).read_text()
+    assert typo[0] in text
+    bad = tmp_path / name
+    bad.write_text(text.replace(typo[0], typo[1]))
+    proc = _check_schema(bad, MANIFESTS[name])
+    assert proc.returncode != 0 and typo[1] in proc.stdout
+
+
+def test_manifests_match_the_pinned_ray_and_the_image():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(re.search(r"==([\d.]+)", d).group(1) for d in project["dependencies"] if d.startswith("ray["))
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray_pin}-py311-cpu" in dockerfile
+    image = f"metaray:{project['version']}"
+    assert f'org.opencontainers.image.version="{project["version"]}"' in dockerfile
+    for name in MANIFESTS:
+        doc = yaml.safe_load((ROOT / "k8s" / name).read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == ray_pin
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {image}
+    kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    assert all((ROOT / "k8s" / r).is_file() for r in kustomization["resources"])
+    assert kustomization["images"] == [{"name": "metaray", "newTag": project["version"]}]
+
+
+def test_cluster_launcher_config_validates_against_rays_schema():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((ROOT / "deploy" / "cluster.yaml").read_text()), schema)
+
+
+def test_training_through_ray_client_uses_every_node(loopback_cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "quickstart", *SHORT, "--output", str(out), "--address", loopback_cluster.client_address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert rows[-1]["workers_per_node"] == "127.0.0.5=1,127.0.0.6=1"
+    assert rows[-1]["tasks_per_node"] == "127.0.0.5=2,127.0.0.6=2"
+
+
+def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
+    out = tmp_path / "job-run"
+    start = time.monotonic()
+    proc = run_cli("submit", "quickstart", *SHORT, "--output", str(out), "--address", loopback_cluster.dashboard_url,
+                   "--follow")
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
+    assert "iter    2/2" in proc.stdout and f"job {job_id} SUCCEEDED" in proc.stdout
+    assert len(pq.read_table(out / "metrics.parquet")) == 2 and (out / "config.yaml").is_file()
+    print(f"submitted job wall time {wall:.1f}s")
+    status = run_cli("jobs", "status", job_id, "--address", loopback_cluster.dashboard_url)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = run_cli("jobs", "logs", job_id, "--address", loopback_cluster.dashboard_url)
+    assert "pre-adaptation return" in logs.stdout
+
+
+def test_submit_no_wait_then_stop(loopback_cluster, tmp_path):
+    proc = run_cli("submit", "quickstart", "--set", "outer.iterations=500", "--output", str(tmp_path / "long"),
+                   "--address", loopback_cluster.dashboard_url, "--no-wait")
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
+    stop = run_cli("jobs", "stop", job_id, "--address", loopback_cluster.dashboard_url)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(loopback_cluster.dashboard_url)
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job_id).value) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert str(client.get_job_status(job_id).value) == "STOPPED"
+    assert run_cli("jobs", "status", job_id, "--address", loopback_cluster.dashboard_url).returncode == 1
+
+
+def test_submit_to_an_unreachable_job_server_names_it():
+    proc = run_cli("submit", "quickstart", "--address", "http://127.0.0.2:1", "--no-wait")
+    assert proc.returncode == 1 and "cannot reach the Ray job server at http://127.0.0.2:1" in proc.stderr
+
+
+def test_rayjob_manifest_entrypoint_runs_unchanged(loopback_cluster):
+    """The RayJob's entrypoint and runtimeEnvYAML, read from k8s/rayjob.yaml, on a cluster started
+    with that manifest's rayStartParams and CPU limits (the fixture)."""
+    from ray.job_submission import JobSubmissionClient
+
+    spec = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]
+    client = JobSubmissionClient(loopback_cluster.dashboard_url)
+    start = time.monotonic()
+    job_id = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=yaml.safe_load(spec["runtimeEnvYAML"]))
+    deadline = start + 600
+    while (status := str(client.get_job_status(job_id).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the RayJob entrypoint did not finish in 10 minutes"
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    print(f"RayJob entrypoint wall time {time.monotonic() - start:.1f}s")
+    assert "held-out tasks" in logs and "after 1 step" in logs
+
+
+def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ray_local, tmp_path):
+    """Kill a worker node's raylet by PID mid-run: the run finishes on the others, every task
+    counted once, with the meta-parameters of an undisturbed run."""
+    overrides = ["outer.iterations=5", "outer.meta_batch_size=12", "inner.steps=2", "policy.hidden_sizes=[32]",
+                 "eval.tasks=2", "resources.num_workers=3"]
+    cfg = load_config("quickstart", overrides)
+    reference = RunDir(tmp_path / "reference")
+    reference.prepare(cfg, overwrite=False)
+    # On the embedded 2-CPU Ray the third worker never starts: the pool runs on the two that do.
+    expected = train(cfg, reference, log=lambda _: None)["params"]
+
+    doomed = loopback_cluster.add_node("127.0.0.9", {"num-cpus": "1"})
+    out = tmp_path / "run"
+    sets = [a for o in overrides for a in ("--set", o)]
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(proc=run_cli(
+        "train", "quickstart", *sets, "--output", str(out), "--address", loopback_cluster.address)))
+    driver.start()
+    run = RunDir(out)
+    deadline = time.monotonic() + 180
+    while not (out.exists() and run.read_metrics()):
+        assert time.monotonic() < deadline and driver.is_alive(), result.get("proc")
+        time.sleep(0.05)
+    assert "127.0.0.9=1" in run.read_metrics()[0]["workers_per_node"]
+    killed_at = time.monotonic()
+    import os
+    import signal
+
+    os.kill(doomed.raylet_pid(), signal.SIGKILL)
+    driver.join(timeout=400)
+    proc = result["proc"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = run.read_metrics()
+    assert [r["iteration"] for r in rows] == list(range(5))
+    assert all(r["task_indices"] == ",".join(map(str, range(12))) for r in rows)
+    failures = sum(r["worker_failures"] for r in rows)
+    rerun = sum(r["task_retries"] for r in rows)
+    after = [r for r in rows if "127.0.0.9" not in r["workers_per_node"]]
+    assert failures >= 1 and rerun >= 1 and after, "the dead node must stop receiving tasks"
+    first_clean = next(r for r in rows if r["worker_failures"])
+    print(f"node loss: {failures} worker failure(s), {rerun} task(s) re-run; iteration with the failover took "
+          f"{first_clean['time_iteration_s']:.1f}s (killed {time.monotonic() - killed_at:.0f}s before the end)")
+    assert np.array_equal(RunDir(out).latest_checkpoint()["params"].numpy(), expected)
+    doomed.stop()
