@@ -24,6 +24,9 @@ test: $(STAMP)
 	$(BIN)/ruff check metaray tests
 	$(BIN)/python -m pytest tests
 
+bench: $(STAMP)
+	$(BIN)/metaray bench --output bench.json
+
 lint: $(STAMP)
 	$(BIN)/ruff check metaray tests
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from metaray.config import ConfigError, load_config, preset_names
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distributed meta-reinforcement learning (MAML, FOMAML, Reptile) on Ray.")
@@ -27,27 +30,31 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _run_guarded(fn):
-    """Turn user-input errors into one line and exit 2; task errors into exit 1."""
+def _run_guarded(fn: Callable[[], T]) -> T:
+    """Turn user-input errors into one line and exit 2; run failures into one line and exit 1."""
+    import ray.exceptions
+
     from metaray.cluster import UnreachableClusterError
+    from metaray.learner import IterationFailedError
+    from metaray.pool import NoLiveWorkerError, WorkerStartError
     from metaray.task_runner import TaskEnvError
 
+    run_failures = (TaskEnvError, IterationFailedError, NoLiveWorkerError, WorkerStartError)
     try:
         return fn()
     except ConfigError as err:
         raise _fail(str(err), 2) from None
     except (UnreachableClusterError, ConnectionError) as err:
         raise _fail(str(err), 1) from None
-    except TaskEnvError as err:
-        raise _fail(str(err), 1) from None
-    except Exception as err:
-        import ray.exceptions
-
-        cause = getattr(err, "cause", None)
-        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(cause, TaskEnvError):
-            raise _fail(str(cause), 1) from None
-        if isinstance(err, ray.exceptions.RayActorError) and "TaskEnvError" in str(err):
-            raise _fail(str(err).splitlines()[-1], 1) from None
+    except ray.exceptions.RayTaskError as err:
+        cause: BaseException | None = err
+        while cause is not None:  # a worker's error arrives wrapped by the learner's
+            if isinstance(cause, run_failures):
+                first = next((line for line in str(cause).splitlines() if line.strip() and
+                              not line.startswith((" ", "ray::", "Traceback"))), str(cause))
+                raise _fail(first.split(": ", 1)[-1] if isinstance(cause, ray.exceptions.RayError) else first,
+                            1) from None
+            cause = getattr(cause, "cause", None)
         raise
 
 
@@ -214,6 +221,26 @@ def jobs_stop(job_id: str, address: JobAddressOpt = None) -> None:
 
     stopped = _run_guarded(lambda: jobs.job_client(address).stop_job(job_id))
     typer.echo(f"{job_id} {'stop requested' if stopped else 'was not running'}")
+
+
+@app.command()
+def bench(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON.")] = Path("bench.json"),
+    iterations: Annotated[int, typer.Option(min=2, help="Iterations per timed run.")] = 7,
+    warmup: Annotated[int, typer.Option(min=0, help="Leading iterations left out of the medians.")] = 2,
+    quick: Annotated[bool, typer.Option(help="Tiny budgets: checks the benchmark runs, figures meaningless.")] = False,
+) -> None:
+    """Measure rollout speed against the physical limit and training speed; write JSON."""
+    from metaray.bench import run_bench
+    from metaray.run_dir import atomic_write
+
+    if warmup >= iterations:
+        raise _fail(f"--warmup ({warmup}) must be below --iterations ({iterations})", 2)
+    result = run_bench(iterations, warmup, quick)
+    text = json.dumps(result, indent=2)
+    atomic_write(output, lambda f: f.write(text.encode()))
+    typer.echo(text)
+    typer.echo(f"wrote {output}")
 
 
 @app.command()

@@ -32,6 +32,15 @@ class NoLiveWorkerError(RuntimeError):
     pass
 
 
+class WorkerStartError(RuntimeError):
+    """A worker's constructor failed: retrying cannot help (a family that does not import, say)."""
+
+
+def _raise_if_init_failed(err: Exception) -> None:
+    if getattr(err, "actor_init_failed", False):
+        raise WorkerStartError(f"a worker actor failed to start: {err}") from None
+
+
 @dataclass
 class FaultCounters:
     worker_failures: int = 0
@@ -57,7 +66,8 @@ class WorkerPool:
     no_worker_timeout_s: float = 300.0
     depth: int = 2  # calls queued per worker, so a worker never idles waiting for the next
     counters: FaultCounters = field(default_factory=FaultCounters)
-    _pings: dict[int, ray.ObjectRef] = field(default_factory=dict)  # not (yet, again) ready
+    _pings: dict[int, ray.ObjectRef | None] = field(default_factory=dict)  # not (yet, again) ready
+    _retry_at: dict[int, float] = field(default_factory=dict)  # when to ping a restarting worker again
     _failed: set[int] = field(default_factory=set)  # answered a ping only before a failure
 
     def __post_init__(self) -> None:
@@ -74,20 +84,29 @@ class WorkerPool:
             self._pings[w] = self.workers[w].ping.remote()
 
     def _poll_pings(self, timeout: float = 0) -> None:
-        if not self._pings:
+        now = time.monotonic()
+        for w, ref in self._pings.items():
+            if ref is None and now >= self._retry_at.get(w, 0.0):
+                self._pings[w] = self.workers[w].ping.remote()
+        outstanding = [r for r in self._pings.values() if r is not None]
+        if not outstanding:
+            if self._pings:
+                time.sleep(min(timeout, 0.2))
             return
-        ready, _ = ray.wait(list(self._pings.values()), num_returns=len(self._pings), timeout=timeout)
+        ready, _ = ray.wait(outstanding, num_returns=len(outstanding), timeout=timeout)
         for w, ref in list(self._pings.items()):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except LOST:
-                    self._pings[w] = self.workers[w].ping.remote()
-                    continue
-                del self._pings[w]
-                if w in self._failed:
-                    self._failed.discard(w)
-                    self.counters.worker_restarts += 1
+            if ref is None or ref not in ready:
+                continue
+            try:
+                ray.get(ref)
+            except LOST as err:
+                _raise_if_init_failed(err)
+                self._pings[w], self._retry_at[w] = None, time.monotonic() + 0.5  # restarting: ask later
+                continue
+            del self._pings[w]
+            if w in self._failed:
+                self._failed.discard(w)
+                self.counters.worker_restarts += 1
 
     def map(self, call: Callable[[ray.actor.ActorHandle, int], ray.ObjectRef], indices: list[int],
             on_result: Callable[[int, int, Any], None]) -> None:
@@ -120,7 +139,8 @@ class WorkerPool:
                 load[flight.worker] -= 1
                 try:
                     value = ray.get(ref)
-                except LOST:
+                except LOST as err:
+                    _raise_if_init_failed(err)
                     self.mark_down(flight.worker)
                     if flight.index not in done:
                         self.counters.task_retries += 1

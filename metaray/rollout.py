@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from metaray.policy import Params, Policy
+from metaray.tasks.batched import BatchedEnv
 
 
 @dataclass
@@ -44,57 +44,50 @@ class Episodes:
 def collect(
     policy: Policy,
     params: Params,
-    envs: list[gym.Env],
+    env: BatchedEnv,
     horizon: int,
     env_seeds: list[int],
     generator: torch.Generator,
 ) -> Episodes:
-    """Run one episode in each env with the policy at ``params`` (no gradient).
+    """Run one episode in each of ``env``'s envs with the policy at ``params`` (no gradient).
 
-    Every random draw comes from ``env_seeds`` and ``generator``, so the same seeds give
+    One policy forward per time step for the whole batch, one numpy/torch conversion each
+    way. Every random draw comes from ``env_seeds`` and ``generator``, so the same seeds give
     the same episodes whichever process runs them.
     """
     spec = policy.spec
-    n = len(envs)
+    n = env.num_envs
     obs_buf = torch.zeros(horizon, n, spec.obs_dim)
     act_buf = torch.zeros(horizon, n, dtype=torch.long) if spec.discrete else torch.zeros(horizon, n, spec.act_dim)
     rew_buf = np.zeros((horizon, n), dtype=np.float32)
     mask_buf = np.zeros((horizon, n), dtype=np.float32)
-    first = [env.reset(seed=int(s))[0] for env, s in zip(envs, env_seeds)]
-    obs = spec.encode_obs(np.stack(first))
+    obs = spec.encode_obs(env.reset(env_seeds))
     alive = np.ones(n, dtype=bool)
-    low, high = spec.act_low, spec.act_high
+    steps = horizon
     with torch.no_grad():
         for t in range(horizon):
-            obs_t = torch.from_numpy(obs)
-            obs_buf[t] = obs_t
+            obs_t = obs_buf[t]
+            obs_t.copy_(torch.from_numpy(obs))
             dist = policy.dist(obs_t, params)
             if spec.discrete:
-                probs = dist.probs
-                action = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                action = torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
             else:
                 base = dist.base_dist
-                noise = torch.randn(base.loc.shape, generator=generator)
-                action = base.loc + base.scale * noise
+                action = base.loc + base.scale * torch.randn(base.loc.shape, generator=generator)
             act_buf[t] = action
             act_np = action.numpy()
             if not spec.discrete:
-                act_np = np.clip(act_np, low, high)
-            next_obs = obs.copy()
-            for i in np.flatnonzero(alive):
-                a = int(act_np[i]) if spec.discrete else act_np[i].reshape(envs[i].action_space.shape)
-                o, r, terminated, truncated, _ = envs[i].step(a)
-                rew_buf[t, i] = r
-                mask_buf[t, i] = 1.0
-                next_obs[i] = spec.encode_obs(np.asarray([o]))[0]
-                if terminated or truncated:
-                    alive[i] = False
-            obs = next_obs
+                act_np = np.clip(act_np, spec.act_low, spec.act_high)
+            raw_obs, rewards, done = env.step(act_np, alive)
+            rew_buf[t] = np.where(alive, rewards, 0.0)
+            mask_buf[t] = alive
+            alive = alive & ~done
+            obs = spec.encode_obs(raw_obs)
             if not alive.any():
-                obs_buf, act_buf = obs_buf[: t + 1], act_buf[: t + 1]
-                rew_buf, mask_buf = rew_buf[: t + 1], mask_buf[: t + 1]
+                steps = t + 1
                 break
-    return Episodes(obs_buf, act_buf, torch.from_numpy(rew_buf), torch.from_numpy(mask_buf))
+    return Episodes(obs_buf[:steps], act_buf[:steps], torch.from_numpy(rew_buf[:steps]),
+                    torch.from_numpy(mask_buf[:steps]))
 
 
 def _baseline_features(episodes: Episodes) -> torch.Tensor:

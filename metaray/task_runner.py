@@ -8,6 +8,7 @@ in, so results do not depend on which worker runs which task.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -23,6 +24,7 @@ from metaray.config import Config
 from metaray.policy import Params, SpaceSpec, build_policy, unflatten
 from metaray.rollout import Episodes, collect, compute_advantages
 from metaray.tasks import Task, TaskFamily, make_family
+from metaray.tasks.batched import BatchedEnv, EnvList
 
 
 class TaskEnvError(RuntimeError):
@@ -59,9 +61,9 @@ class EpisodeLoss:
     needs the adapted policy at candidate meta-parameters on the very same episodes).
     """
 
-    def __init__(self, runner: TaskRunner, envs: list[gym.Env], rng: np.random.Generator) -> None:
+    def __init__(self, runner: TaskRunner, envs: BatchedEnv, rng: np.random.Generator) -> None:
         self.runner, self.envs = runner, envs
-        self.env_seeds = rng.integers(0, 2**31 - 1, size=len(envs)).tolist()
+        self.env_seeds = rng.integers(0, 2**31 - 1, size=envs.num_envs).tolist()
         self.torch_seed = int(rng.integers(0, 2**62))
         self.episodes: Episodes | None = None
         self.sample_s = 0.0
@@ -77,6 +79,19 @@ class EpisodeLoss:
         return pg_loss(self.runner.policy, params, self.sample(params))
 
 
+class _GradientGraph:
+    """A gradient kept with its graph, so Hessian-vector products cost one backward each."""
+
+    def __init__(self, loss_fn: Callable[[Params], torch.Tensor], at: Params) -> None:
+        self.at = leaf_params(at)
+        grads = torch.autograd.grad(loss_fn(self.at), list(self.at.values()), create_graph=True)
+        self.grad = torch.cat([g.reshape(-1) for g in grads])
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(self.grad @ v, list(self.at.values()), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv])
+
+
 @dataclass
 class _TRPOState:
     """What stays on the worker between a task's gradient and the learner's TRPO step."""
@@ -85,8 +100,7 @@ class _TRPOState:
     valid: Episodes
     old_log_probs: torch.Tensor
     old_dist: Distribution
-    grad_kl: torch.Tensor | None = None
-    theta: Params | None = None
+    products: list[_GradientGraph] | None = None  # inner-loss Hessians, then the Fisher at phi
 
 
 class TaskRunner:
@@ -113,10 +127,19 @@ class TaskRunner:
                 f"{type(err).__name__}: {err}"
             ) from err
 
-    def make_envs(self, task: Task) -> list[gym.Env]:
-        return [self.make_env(task) for _ in range(self.config.inner.episodes)]
+    def make_envs(self, task: Task) -> BatchedEnv:
+        """One batched env for the task's episodes: the family's own, or a list of its envs."""
+        n, horizon = self.config.inner.episodes, self.config.rollout.horizon
+        batched = getattr(self.family, "make_batched_env", None)
+        if batched is not None:
+            try:
+                return batched(task, n, horizon)
+            except Exception as err:
+                raise TaskEnvError(f"task family {self.config.task.family!r} failed to make a batched env for "
+                                   f"task {task}: {type(err).__name__}: {err}") from err
+        return EnvList([self.make_env(task) for _ in range(n)])
 
-    def sample(self, params: Params, envs: list[gym.Env], env_seeds: list[int], torch_seed: int) -> Episodes:
+    def sample(self, params: Params, envs: BatchedEnv, env_seeds: list[int], torch_seed: int) -> Episodes:
         gen = torch.Generator().manual_seed(torch_seed)
         detached = {k: v.detach() for k, v in params.items()}
         if not all(torch.isfinite(v).all() for v in detached.values()):
@@ -128,7 +151,7 @@ class TaskRunner:
     def params_from(self, flat: np.ndarray | torch.Tensor) -> Params:
         return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)
 
-    def _losses(self, envs: list[gym.Env], rng: np.random.Generator) -> list[EpisodeLoss]:
+    def _losses(self, envs: BatchedEnv, rng: np.random.Generator) -> list[EpisodeLoss]:
         return [EpisodeLoss(self, envs, rng) for _ in range(self.config.inner.steps)]
 
     # -- one task of a training iteration --------------------------------------------------
@@ -148,8 +171,7 @@ class TaskRunner:
         except NonFiniteError:  # returned, counted and rejected by the learner, never applied
             vector, outer_loss = torch.full((self.n_params,), float("nan")), float("nan")
         sample_s = sum(loss.sample_s for loss in inner) + valid.sample_s
-        for env in envs:
-            env.close()
+        envs.close()
         total = time.perf_counter() - start
         episodes = [e.episodes for e in [*inner, valid] if e.episodes is not None]
         nan = float("nan")
@@ -206,17 +228,32 @@ class TaskRunner:
         return adapt(theta, list(state.inner_losses), self.config.inner.lr, create_graph)
 
     def trpo_hvp(self, iteration: int, task_index: int, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:
-        """Hessian of KL(adapted at theta_old || adapted at theta) times ``vector``."""
+        """Hessian at theta_old of KL(adapted at theta_old || adapted at theta), times ``vector``.
+
+        At theta_old the KL's gradient with respect to the adapted parameters is zero, so
+        its Hessian is J^T F J: F the Fisher matrix of the adapted policy, J the Jacobian of
+        the adaptation, J = (I - lr H_K) ... (I - lr H_1) with H_k the Hessian of the k-th
+        inner loss (symmetric, so J^T applies the same factors in reverse). That is three
+        plain Hessian-vector products for one inner step instead of a backward pass through
+        a third-order graph; tests check it against finite differences of the KL gradient.
+        """
         state = self._state(iteration, task_index)
-        if state.grad_kl is None:  # build the first derivative's graph once per task
-            state.theta = leaf_params(self.params_from(flat_params))
-            phi = self._adapted(state, state.theta, create_graph=True)
-            kl = mean_kl(self.policy, phi, state.valid, state.old_dist)
-            grads = torch.autograd.grad(kl, list(state.theta.values()), create_graph=True)
-            state.grad_kl = torch.cat([g.reshape(-1) for g in grads])
-        v = torch.tensor(vector, dtype=state.grad_kl.dtype)
-        hv = torch.autograd.grad(state.grad_kl @ v, list(state.theta.values()), retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+        lr = self.config.inner.lr
+        if state.products is None:  # build the gradient graphs once per task and iteration
+            params, inner = self.params_from(flat_params), []
+            for loss in state.inner_losses:
+                inner.append(_GradientGraph(loss, params))
+                params = adapt(leaf_params(params), [loss], lr, create_graph=False)
+            fisher = _GradientGraph(lambda phi: mean_kl(self.policy, phi, state.valid, state.old_dist), params)
+            state.products = [*inner, fisher]
+        *inner, fisher = state.products
+        v = torch.tensor(vector, dtype=fisher.grad.dtype)
+        for h in inner:  # J v
+            v = v - lr * h.hvp(v)
+        v = fisher.hvp(v)
+        for h in reversed(inner):  # J^T (F J v)
+            v = v - lr * h.hvp(v)
+        return v.detach().numpy()
 
     def trpo_loss_kl(self, iteration: int, task_index: int, flat_params: np.ndarray) -> tuple[float, float]:
         """Surrogate loss and KL at candidate meta-parameters, on the kept episodes."""
@@ -244,7 +281,6 @@ class TaskRunner:
                     params = adapt(leaf_params(params), [loss], self.config.inner.lr, create_graph=False)
         except NonFiniteError:  # a task whose rewards break adaptation reports NaN from there on
             returns += [float("nan")] * (steps + 1 - len(returns))
-        for env in envs:
-            env.close()
+        envs.close()
         return returns
 

@@ -35,7 +35,7 @@ def _fixed_problem(family: str, inner_steps: int):
 
     def batch(seed: int):
         eps = collect(runner.policy, runner.template, envs, cfg.rollout.horizon,
-                      [seed + i for i in range(len(envs))], gen)
+                      [seed + i for i in range(envs.num_envs)], gen)
         return compute_advantages(eps, 0.99, 0.95, True).to(torch.float64)
 
     inner_batches = [batch(100 * k) for k in range(inner_steps)]
@@ -121,7 +121,7 @@ def test_reptile_update_matches_closed_form_on_quadratics():
     learner = Learner(cfg.model_dump(mode="json"), flat_theta.float().numpy())
     learner.params.data = flat_theta.clone()
     learner.optimizer.param_groups[0]["params"] = [learner.params]
-    learner._outer_step(0, torch.stack(deltas).mean(0), [], [], [])
+    learner._outer_step(0, torch.stack(deltas).mean(0), [], {}, [], None)
     expected = flat_theta + outer_lr * (torch.stack(expected_phis).mean(0) - flat_theta)
     assert torch.allclose(learner.params.detach(), expected, atol=1e-12)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.utils.seeding import np_random
 
 from metaray.tasks.base import Task
 
@@ -43,3 +44,30 @@ class Bandit:
 
     def make_env(self, task: Task) -> gym.Env:
         return BernoulliBanditEnv(task["probs"])
+
+    def make_batched_env(self, task: Task, n: int, horizon: int) -> BatchedBandit:
+        return BatchedBandit(task["probs"], n, horizon)
+
+
+class BatchedBandit:
+    """``n`` BernoulliBanditEnv episodes: each env's uniform draws, pre-drawn from its own
+    seeded generator, are the very numbers the env would draw one pull at a time."""
+
+    def __init__(self, probs: list[float], n: int, horizon: int) -> None:
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.num_envs, self.horizon = n, horizon
+        self.t = 0
+        self.draws = np.zeros((n, horizon))
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        self.draws = np.stack([np_random(int(s))[0].random(self.horizon) for s in seeds])
+        self.t = 0
+        return np.ones((self.num_envs, 1), dtype=np.float32)
+
+    def step(self, actions: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rewards = (self.draws[:, self.t] < self.probs[actions.astype(np.int64)]).astype(np.float64)
+        self.t += 1
+        return np.ones((self.num_envs, 1), dtype=np.float32), rewards, np.zeros(self.num_envs, dtype=bool)
+
+    def close(self) -> None:
+        pass

@@ -8,9 +8,12 @@ adaptation, from the task's own episodes, can tell which half a task is in.
 
 from __future__ import annotations
 
+import math
+
 import gymnasium as gym
 import numpy as np
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+from gymnasium.utils.seeding import np_random
 
 from metaray.tasks.base import Task
 
@@ -55,3 +58,44 @@ class CartPole:
 
     def make_env(self, task: Task) -> gym.Env:
         return RandomPhysicsCartPoleEnv(task)
+
+    def make_batched_env(self, task: Task, n: int, horizon: int) -> BatchedCartPole:
+        return BatchedCartPole(task, n)
+
+
+class BatchedCartPole:
+    """``n`` RandomPhysicsCartPoleEnv episodes: gymnasium's Euler step, vectorised, with the
+    same float64 operations in the same order, so states match bit for bit."""
+
+    def __init__(self, task: Task, n: int) -> None:
+        self.num_envs = n
+        self.gravity, self.masscart, self.masspole = task["gravity"], task["masscart"], task["masspole"]
+        self.length, self.force_mag = task["length"], task["force_mag"]
+        self.total_mass = self.masspole + self.masscart
+        self.polemass_length = self.masspole * self.length
+        self.sign = int(task["actuation_sign"])
+        self.tau, self.theta_limit, self.x_limit = 0.02, 12 * 2 * math.pi / 360, 2.4
+        self.state = np.zeros((n, 4))
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        self.state = np.stack([np_random(int(s))[0].uniform(low=-0.05, high=0.05, size=(4,)) for s in seeds])
+        return self.state.astype(np.float32)
+
+    def step(self, actions: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        push = actions.astype(np.int64) if self.sign > 0 else 1 - actions.astype(np.int64)
+        force = np.where(push == 1, self.force_mag, -self.force_mag)
+        x, x_dot, theta, theta_dot = self.state.T
+        costheta, sintheta = np.cos(theta), np.sin(theta)
+        temp = (force + self.polemass_length * np.square(theta_dot) * sintheta) / self.total_mass
+        thetaacc = (self.gravity * sintheta - costheta * temp) / (
+            self.length * (4.0 / 3.0 - self.masspole * np.square(costheta) / self.total_mass))
+        xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
+        new = np.stack([x + self.tau * x_dot, x_dot + self.tau * xacc,
+                        theta + self.tau * theta_dot, theta_dot + self.tau * thetaacc], axis=1)
+        self.state = np.where(alive[:, None], new, self.state)
+        x, theta = self.state[:, 0], self.state[:, 2]
+        done = (x < -self.x_limit) | (x > self.x_limit) | (theta < -self.theta_limit) | (theta > self.theta_limit)
+        return self.state.astype(np.float32), np.ones(self.num_envs), done
+
+    def close(self) -> None:
+        pass

@@ -54,3 +54,30 @@ class Navigation2D:
 
     def make_env(self, task: Task) -> gym.Env:
         return Navigation2DEnv(task["goal"])
+
+    def make_batched_env(self, task: Task, n: int, horizon: int) -> BatchedNavigation2D:
+        return BatchedNavigation2D(task["goal"], n)
+
+
+class BatchedNavigation2D:
+    """``n`` Navigation2DEnv episodes as numpy arrays (identical step for step)."""
+
+    def __init__(self, goal: list[float], n: int) -> None:
+        self.goal = np.asarray(goal, dtype=np.float64)
+        self.num_envs = n
+        self.state = np.zeros((n, 2))
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        self.state = np.zeros((self.num_envs, 2))
+        return self.state.astype(np.float32)
+
+    def step(self, actions: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        moved = self.state + np.clip(actions.astype(np.float64), -0.1, 0.1)
+        self.state = np.where(alive[:, None], moved, self.state)
+        delta = self.state - self.goal
+        rewards = -np.sqrt(delta[:, 0] * delta[:, 0] + delta[:, 1] * delta[:, 1])
+        done = (np.abs(delta[:, 0]) < 0.01) & (np.abs(delta[:, 1]) < 0.01)
+        return self.state.astype(np.float32), rewards, done
+
+    def close(self) -> None:
+        pass
