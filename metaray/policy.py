@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -88,6 +89,22 @@ class Policy(nn.Module):
 
     def dist(self, obs: torch.Tensor, params: Params) -> Distribution:
         return functional_call(self, params, (obs,))
+
+    def sampler(self, params: Params) -> Callable[[torch.Tensor], torch.Tensor]:
+        """obs -> logits (discrete) or mean (continuous) at ``params``, for the rollout's hot
+        loop: plain F.linear calls, none of functional_call's per-call module swapping."""
+        layers = [(params[f"body.{i}.weight"], params[f"body.{i}.bias"], isinstance(m, nn.Linear))
+                  for i, m in enumerate(self.body) if isinstance(m, nn.Linear)]
+        act = torch.tanh if isinstance(self.body[1], nn.Tanh) else torch.relu
+
+        def forward(obs: torch.Tensor) -> torch.Tensor:
+            for k, (w, b, _) in enumerate(layers):
+                obs = torch.nn.functional.linear(obs, w, b)
+                if k < len(layers) - 1:
+                    obs = act(obs)
+            return obs
+
+        return forward
 
     def params(self) -> Params:
         return OrderedDict((k, v.detach().clone()) for k, v in self.named_parameters())

@@ -64,16 +64,17 @@ def collect(
     obs = spec.encode_obs(env.reset(env_seeds))
     alive = np.ones(n, dtype=bool)
     steps = horizon
+    forward = policy.sampler(params)
+    std = None if spec.discrete else params["log_std"].exp()
     with torch.no_grad():
         for t in range(horizon):
             obs_t = obs_buf[t]
             obs_t.copy_(torch.from_numpy(obs))
-            dist = policy.dist(obs_t, params)
+            out = forward(obs_t)
             if spec.discrete:
-                action = torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+                action = torch.multinomial(torch.softmax(out, -1), 1, generator=generator).squeeze(-1)
             else:
-                base = dist.base_dist
-                action = base.loc + base.scale * torch.randn(base.loc.shape, generator=generator)
+                action = out + std * torch.randn(out.shape, generator=generator)
             act_buf[t] = action
             act_np = action.numpy()
             if not spec.discrete:
@@ -98,13 +99,20 @@ def _baseline_features(episodes: Episodes) -> torch.Tensor:
     return torch.cat([obs, obs**2, t, t**2, t**3, ones], dim=2)
 
 
+def discounted_sum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """out[t] = sum over s >= t of discount^(s-t) values[s], within each episode ([T, N]).
+
+    One triangular matrix product instead of a Python loop over time; ``values`` must be
+    zero past each episode's end (the mask guarantees it), so sums never cross episodes.
+    """
+    steps = values.shape[0]
+    exponent = torch.arange(steps, dtype=values.dtype)
+    powers = torch.triu(discount ** (exponent.view(1, -1) - exponent.view(-1, 1)).clamp(min=0))
+    return (powers @ (values * mask)) * mask
+
+
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    out = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[0])
-    for t in range(rewards.shape[0] - 1, -1, -1):
-        running = (rewards[t] + gamma * running) * mask[t]
-        out[t] = running
-    return out
+    return discounted_sum(rewards, mask, gamma)
 
 
 def fit_baseline(episodes: Episodes, gamma: float) -> torch.Tensor:
@@ -139,11 +147,7 @@ def compute_advantages(episodes: Episodes, gamma: float, gae_lambda: float, norm
         [mask[1:], torch.zeros_like(mask[:1])]
     )
     deltas = episodes.rewards + gamma * next_values - values
-    adv = torch.zeros_like(deltas)
-    running = torch.zeros_like(deltas[0])
-    for t in range(deltas.shape[0] - 1, -1, -1):
-        running = (deltas[t] + gamma * gae_lambda * running) * mask[t]
-        adv[t] = running
+    adv = discounted_sum(deltas, mask, gamma * gae_lambda)
     if normalize:
         count = mask.sum()
         mean = (adv * mask).sum() / count

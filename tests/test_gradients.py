@@ -154,10 +154,11 @@ def test_trpo_step_is_the_natural_gradient_at_the_kl_boundary():
     assert out.kl <= max_kl
 
 
-def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient():
+@pytest.mark.parametrize("family,inner_steps", [("navigation2d", 1), ("navigation2d", 2), ("cartpole", 1)])
+def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient(family, inner_steps):
     """The worker's TRPO product is the Hessian of the post-adaptation KL, checked numerically."""
-    cfg = validate({"algorithm": "maml", "seed": 1, "task": {"family": "navigation2d"},
-                    "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4},
+    cfg = validate({"algorithm": "maml", "seed": 1, "task": {"family": family},
+                    "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4, "steps": inner_steps},
                     "rollout": {"horizon": 10}, "outer": {"optimizer": "trpo"}})
     runner = TaskRunner(cfg)
     flat = flatten(runner.template).numpy()

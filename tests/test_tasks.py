@@ -95,3 +95,24 @@ def test_batched_dynamics_match_the_gymnasium_envs_step_for_step(name):
             if not alive.any():
                 break
         assert steps > 2 * n  # the comparison covered real trajectories
+
+
+def test_bench_writes_every_figure(tmp_path):
+    """The benchmark itself runs (tiny budgets: the figures are meaningless here)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--quick", "--iterations", "3", "--warmup", "1", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for family in ("navigation2d", "cartpole"):
+        r = result["rollout"][family]
+        assert r["limit_steps_per_s"] > 0 and r["rollout_vs_limit"] == pytest.approx(
+            r["rollout_steps_per_s"] / r["limit_steps_per_s"])
+    for setting in ("navigation2d_maml_trpo", "cartpole_reptile"):
+        s = result[setting]
+        assert s["iteration_s"] > 0 and s["train_steps_per_s"] > 0 and s["iterations_measured"] == 2
+        assert set(s["phase_s"]) == {"sampling", "adaptation_and_meta_gradient", "outer_step", "ray_overhead"}
+    assert set(result["workers_scaling"]) >= {"1", "2", "speedup"}
