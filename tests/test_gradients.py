@@ -131,8 +131,12 @@ def test_conjugate_gradient_solves_spd_system():
     m = torch.randn(12, 12, dtype=torch.float64)
     a = m @ m.T + torch.eye(12, dtype=torch.float64)
     b = torch.randn(12, dtype=torch.float64)
-    x = conjugate_gradient(lambda v: a @ v, b, iters=50, tol=1e-20)
+    x, r = conjugate_gradient(lambda v: a @ v, b, iters=50, tol=1e-20)
     assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-8)
+    assert torch.allclose(r, b - a @ x, atol=1e-8)
+    # Truncated early, the returned residual is still b - A x, which the TRPO step relies on.
+    x3, r3 = conjugate_gradient(lambda v: a @ v, b, iters=3)
+    assert torch.allclose(r3, b - a @ x3, atol=1e-8) and r3.norm() > 1e-3
 
 
 def test_trpo_step_is_the_natural_gradient_at_the_kl_boundary():

@@ -14,8 +14,8 @@ import torch
 
 def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, tol: float = 1e-10
-) -> torch.Tensor:
-    """Solve A x = b for symmetric positive-definite A given only x -> A x."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve A x = b for symmetric positive-definite A given only x -> A x; returns (x, b - A x)."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
@@ -30,7 +30,7 @@ def conjugate_gradient(
             break
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return x
+    return x, r
 
 
 @dataclass
@@ -56,8 +56,9 @@ def trpo_step(
 ) -> TRPOStep:
     """One natural-gradient step on ``grad`` (a loss gradient) inside the KL ball."""
     damped = lambda v: hvp(v) + cg_damping * v  # noqa: E731
-    direction = conjugate_gradient(damped, grad, cg_iters)
-    shs = 0.5 * (direction @ damped(direction))
+    direction, residual = conjugate_gradient(damped, grad, cg_iters)
+    # d^T A d = d^T (b - r): CG's residual saves the extra product (and its round trip).
+    shs = 0.5 * (direction @ (grad - residual))
     if not torch.isfinite(shs) or shs <= 0:
         return TRPOStep(params, False, 0, old_loss, 0.0)
     step = direction / torch.sqrt(shs / max_kl)
