@@ -44,7 +44,7 @@ def _run_guarded(fn: Callable[[], T]) -> T:
         return fn()
     except ConfigError as err:
         raise _fail(str(err), 2) from None
-    except (UnreachableClusterError, ConnectionError) as err:
+    except (UnreachableClusterError, ConnectionError, *run_failures) as err:
         raise _fail(str(err), 1) from None
     except ray.exceptions.RayTaskError as err:
         cause: BaseException | None = err
@@ -173,7 +173,7 @@ def submit(
                                   f"{working_dir}, which is what the job sees")
         env = jobs.build_runtime_env(runtime_env, working_dir or None, pip or [])
         client = jobs.job_client(address)
-        job_id = client.submit_job(entrypoint=jobs.train_entrypoint(config, set_ or [], output), runtime_env=env)
+        job_id = jobs.submit(client, jobs.train_entrypoint(config, set_ or [], output), env)
         typer.echo(f"submitted job {job_id}")
         if no_wait:
             return

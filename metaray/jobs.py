@@ -63,6 +63,19 @@ def train_entrypoint(config: str, overrides: list[str], output: str | None) -> s
     return shlex.join(args)
 
 
+def submit(client: JobSubmissionClient, entrypoint: str, runtime_env: dict[str, Any],
+           patience_s: float = 60.0) -> str:
+    """Submit, retrying while the job server says it is not ready yet (a cluster still starting)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def follow(client: JobSubmissionClient, job_id: str, echo: Callable[[str], None], stream_logs: bool) -> str:
     """Wait for the job to end (streaming its logs if asked); return its final status."""
     if stream_logs:

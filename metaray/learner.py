@@ -179,9 +179,7 @@ class Learner:
 
 def start_learner(config: Config, flat_params: np.ndarray,
                   workers: list[ray.actor.ActorHandle]) -> ray.actor.ActorHandle:
-    """The learner runs beside the driver (soft affinity), not on a preemptible worker node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(Learner).options(num_cpus=0, scheduling_strategy=here).remote(
+    """The learner runs on the head node: worker nodes may be preemptible, the head, which
+    holds the cluster's state, is not (a sliver of the head's marker resource pins it)."""
+    return ray.remote(Learner).options(num_cpus=0, resources={"node:__internal_head__": 0.001}).remote(
         config.model_dump(mode="json"), flat_params, workers)

@@ -130,10 +130,12 @@ def test_rayjob_manifest_entrypoint_runs_unchanged(loopback_cluster):
     with that manifest's rayStartParams and CPU limits (the fixture)."""
     from ray.job_submission import JobSubmissionClient
 
+    from metaray.jobs import submit
+
     spec = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]
     client = JobSubmissionClient(loopback_cluster.dashboard_url)
     start = time.monotonic()
-    job_id = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=yaml.safe_load(spec["runtimeEnvYAML"]))
+    job_id = submit(client, spec["entrypoint"], yaml.safe_load(spec["runtimeEnvYAML"]))
     deadline = start + 600
     while (status := str(client.get_job_status(job_id).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, "the RayJob entrypoint did not finish in 10 minutes"
@@ -147,7 +149,7 @@ def test_rayjob_manifest_entrypoint_runs_unchanged(loopback_cluster):
 def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ray_local, tmp_path):
     """Kill a worker node's raylet by PID mid-run: the run finishes on the others, every task
     counted once, with the meta-parameters of an undisturbed run."""
-    overrides = ["outer.iterations=5", "outer.meta_batch_size=12", "inner.steps=2", "policy.hidden_sizes=[32]",
+    overrides = ["outer.iterations=6", "outer.meta_batch_size=12", "inner.steps=2", "policy.hidden_sizes=[32]",
                  "eval.tasks=2", "resources.num_workers=3"]
     cfg = load_config("quickstart", overrides)
     reference = RunDir(tmp_path / "reference")
@@ -164,10 +166,16 @@ def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ra
     driver.start()
     run = RunDir(out)
     deadline = time.monotonic() + 180
-    while not (out.exists() and run.read_metrics()):
+    # Kill once the doomed node's worker has taken part in an iteration.
+    while not (out.exists() and any("127.0.0.9=1" in r["workers_per_node"] for r in run.read_metrics())):
         assert time.monotonic() < deadline and driver.is_alive(), result.get("proc")
         time.sleep(0.05)
-    assert "127.0.0.9=1" in run.read_metrics()[0]["workers_per_node"]
+    from ray.util.state import list_actors, list_nodes
+
+    learner = list_actors(address=loopback_cluster.dashboard_url, filters=[("class_name", "=", "Learner"),
+                                                                           ("state", "=", "ALIVE")])
+    head_id = next(n.node_id for n in list_nodes(address=loopback_cluster.dashboard_url) if n.is_head_node)
+    assert [a.node_id for a in learner] == [head_id], "the learner belongs on the head, not a worker node"
     killed_at = time.monotonic()
     import os
     import signal
@@ -177,7 +185,7 @@ def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ra
     proc = result["proc"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = run.read_metrics()
-    assert [r["iteration"] for r in rows] == list(range(5))
+    assert [r["iteration"] for r in rows] == list(range(6))
     assert all(r["task_indices"] == ",".join(map(str, range(12))) for r in rows)
     failures = sum(r["worker_failures"] for r in rows)
     rerun = sum(r["task_retries"] for r in rows)
