@@ -128,6 +128,11 @@ class LoopbackCluster:
         return f"http://{self.head_ip}:{self.dashboard_port}"
 
     def _start(self, ip: str, args: list[str], extra_env: dict[str, str]) -> Node:
+        # Fixed default ports (the job agent's 52365, ...) collide with any other Ray on this
+        # machine, the tests' embedded one included: give every node its own free ones.
+        args = [*args, *(f"--{flag}={free_port(ip)}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port"))]
         log = self.temp_dir / f"node-{ip}.log"
         env = {**os.environ, **self.env, **extra_env}
         proc = subprocess.Popen([RAY, "start", "--block", f"--node-ip-address={ip}", *args], cwd=self.temp_dir,
