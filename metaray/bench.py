@@ -29,7 +29,7 @@ def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     env = runner.make_envs(task)
     spec = runner.spec
-    forward = runner.policy.sampler(runner.template)  # the fastest forward there is
+    forward = runner.policy.sampler([runner.template])  # the fastest forward there is
     std = None if spec.discrete else runner.template["log_std"].exp()
     gen = torch.Generator().manual_seed(0)
     n, horizon = env.num_envs, config.rollout.horizon
@@ -39,7 +39,7 @@ def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
             obs = spec.encode_obs(env.reset(list(range(n))))
             alive = np.ones(n, dtype=bool)
             for _ in range(horizon):
-                out = forward(torch.from_numpy(obs))
+                out = forward(torch.from_numpy(obs).unsqueeze(0))[0]
                 if spec.discrete:
                     action = torch.multinomial(torch.softmax(out, -1), 1, generator=gen).squeeze(-1).numpy()
                 else:

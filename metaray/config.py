@@ -114,6 +114,8 @@ class ResourcesConfig(_Section):
     """Worker actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker actor (also its torch thread count, rounded up)."""
+    batch_tasks: bool = True
+    """Send each worker its share of the meta-batch in one call and sample those tasks together."""
     placement: Literal["spread", "pack"] = "spread"
     """spread: one worker per node where possible; pack: Ray's default, filling a node first."""
     worker_resources: dict[str, float] = Field(default_factory=dict)

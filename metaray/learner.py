@@ -92,8 +92,12 @@ class Learner:
                              "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
                              "rejected": not finite, **r.timings})
 
-        self.pool.map(lambda w, i: w.run_task.remote(params_ref, iteration, i, tasks[i]),
-                      list(range(len(tasks))), on_result)
+        n, workers = len(tasks), max(1, len(self.pool.workers))
+        size = -(-n // workers) if self.config.resources.batch_tasks else 1
+        chunks = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in chunks[c]]),
+                      list(range(len(chunks))),
+                      lambda _, w, results: [on_result(r.task_index, w, r) for r in results])
         return total, rows, holders
 
     # -- outer step ----------------------------------------------------------------------------
@@ -157,7 +161,7 @@ class Learner:
                     lost += groups[w]
             if lost:
                 self.pool.counters.task_retries += len(lost)
-                self.pool.map(lambda w, i: w.run_task.remote(params_ref, iteration, i, tasks[i]), lost,
+                self.pool.map(lambda w, i: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i])]), lost,
                               lambda i, w, _: holders.__setitem__(i, w))
             todo = lost
         return [answers[i] for i in indices]

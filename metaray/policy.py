@@ -90,16 +90,19 @@ class Policy(nn.Module):
     def dist(self, obs: torch.Tensor, params: Params) -> Distribution:
         return functional_call(self, params, (obs,))
 
-    def sampler(self, params: Params) -> Callable[[torch.Tensor], torch.Tensor]:
-        """obs -> logits (discrete) or mean (continuous) at ``params``, for the rollout's hot
-        loop: plain F.linear calls, none of functional_call's per-call module swapping."""
-        layers = [(params[f"body.{i}.weight"], params[f"body.{i}.bias"], isinstance(m, nn.Linear))
-                  for i, m in enumerate(self.body) if isinstance(m, nn.Linear)]
+    def sampler(self, params: list[Params]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """obs [tasks, batch, obs_dim] -> logits or means [tasks, batch, out], each task at its own
+        parameters: one batched matrix product per layer for every task at once, for the
+        rollout's hot loop (none of functional_call's per-call module swapping). Each task's
+        slice is computed alone, so its result does not depend on the tasks beside it."""
+        names = [i for i, m in enumerate(self.body) if isinstance(m, nn.Linear)]
+        layers = [(torch.stack([p[f"body.{i}.weight"] for p in params]).transpose(1, 2),
+                   torch.stack([p[f"body.{i}.bias"] for p in params]).unsqueeze(1)) for i in names]
         act = torch.tanh if isinstance(self.body[1], nn.Tanh) else torch.relu
 
         def forward(obs: torch.Tensor) -> torch.Tensor:
-            for k, (w, b, _) in enumerate(layers):
-                obs = torch.nn.functional.linear(obs, w, b)
+            for k, (w, b) in enumerate(layers):
+                obs = torch.baddbmm(b, obs, w)
                 if k < len(layers) - 1:
                     obs = act(obs)
             return obs

@@ -121,12 +121,15 @@ class WorkerPool:
         idle_since = time.monotonic()
         while len(done) < len(indices):
             self._poll_pings()
-            for w in sorted(self.ready(), key=lambda w: load[w]):
-                while queue and load[w] < self.depth:
-                    index = queue.popleft()
-                    if index not in done:
-                        flights[call(self.workers[w], index)] = _Flight(index, w, time.monotonic())
-                        load[w] += 1
+            ready = self.ready()
+            while queue and ready:  # each call to the least-loaded ready worker, up to depth
+                w = min(ready, key=lambda w: load[w])
+                if load[w] >= self.depth:
+                    break
+                index = queue.popleft()
+                if index not in done:
+                    flights[call(self.workers[w], index)] = _Flight(index, w, time.monotonic())
+                    load[w] += 1
             if not flights:  # nobody to run on yet: wait for a worker to come (back) up
                 if time.monotonic() - idle_since > self.no_worker_timeout_s:
                     raise NoLiveWorkerError(f"no worker answered for {self.no_worker_timeout_s:.0f}s")

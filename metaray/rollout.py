@@ -49,46 +49,64 @@ def collect(
     env_seeds: list[int],
     generator: torch.Generator,
 ) -> Episodes:
-    """Run one episode in each of ``env``'s envs with the policy at ``params`` (no gradient).
+    """Run one episode in each of ``env``'s envs with the policy at ``params`` (no gradient)."""
+    return collect_many(policy, [params], [env], horizon, [env_seeds], [generator])[0]
 
-    One policy forward per time step for the whole batch, one numpy/torch conversion each
-    way. Every random draw comes from ``env_seeds`` and ``generator``, so the same seeds give
-    the same episodes whichever process runs them.
+
+def collect_many(
+    policy: Policy,
+    params: list[Params],
+    envs: list[BatchedEnv],
+    horizon: int,
+    env_seeds: list[list[int]],
+    generators: list[torch.Generator],
+) -> list[Episodes]:
+    """One batch of episodes for each of several tasks, stepped together.
+
+    One policy forward per time step for every episode of every task (each task at its own
+    parameters), one numpy/torch conversion each way per task. Each task's random draws
+    come from its own ``env_seeds`` and ``generator``, so a task's episodes are the same
+    whichever tasks it is collected with and whichever process collects it.
     """
     spec = policy.spec
-    n = env.num_envs
-    obs_buf = torch.zeros(horizon, n, spec.obs_dim)
-    act_buf = torch.zeros(horizon, n, dtype=torch.long) if spec.discrete else torch.zeros(horizon, n, spec.act_dim)
-    rew_buf = np.zeros((horizon, n), dtype=np.float32)
-    mask_buf = np.zeros((horizon, n), dtype=np.float32)
-    obs = spec.encode_obs(env.reset(env_seeds))
-    alive = np.ones(n, dtype=bool)
-    steps = horizon
+    tasks, n = len(envs), envs[0].num_envs
+    obs_buf = torch.zeros(horizon, tasks, n, spec.obs_dim)
+    act_buf = torch.zeros(horizon, tasks, n, dtype=torch.long) if spec.discrete else \
+        torch.zeros(horizon, tasks, n, spec.act_dim)
+    rew_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
+    mask_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
+    obs = [spec.encode_obs(env.reset(seeds)) for env, seeds in zip(envs, env_seeds)]
+    alive = np.ones((tasks, n), dtype=bool)
+    steps = np.full(tasks, horizon)
     forward = policy.sampler(params)
-    std = None if spec.discrete else params["log_std"].exp()
+    std = None if spec.discrete else [p["log_std"].exp() for p in params]
     with torch.no_grad():
         for t in range(horizon):
             obs_t = obs_buf[t]
-            obs_t.copy_(torch.from_numpy(obs))
+            for i in range(tasks):
+                obs_t[i].copy_(torch.from_numpy(obs[i]))
             out = forward(obs_t)
-            if spec.discrete:
-                action = torch.multinomial(torch.softmax(out, -1), 1, generator=generator).squeeze(-1)
-            else:
-                action = out + std * torch.randn(out.shape, generator=generator)
-            act_buf[t] = action
-            act_np = action.numpy()
-            if not spec.discrete:
-                act_np = np.clip(act_np, spec.act_low, spec.act_high)
-            raw_obs, rewards, done = env.step(act_np, alive)
-            rew_buf[t] = np.where(alive, rewards, 0.0)
-            mask_buf[t] = alive
-            alive = alive & ~done
-            obs = spec.encode_obs(raw_obs)
+            for i in np.flatnonzero(alive.any(axis=1)):
+                if spec.discrete:
+                    action = torch.multinomial(torch.softmax(out[i], -1), 1, generator=generators[i]).squeeze(-1)
+                else:
+                    action = out[i] + std[i] * torch.randn(out[i].shape, generator=generators[i])
+                act_buf[t, i] = action
+                act_np = action.numpy()
+                if not spec.discrete:
+                    act_np = np.clip(act_np, spec.act_low, spec.act_high)
+                raw_obs, rewards, done = envs[i].step(act_np, alive[i])
+                rew_buf[t, i] = np.where(alive[i], rewards, 0.0)
+                mask_buf[t, i] = alive[i]
+                alive[i] &= ~done
+                obs[i] = spec.encode_obs(raw_obs)
+                if not alive[i].any():
+                    steps[i] = t + 1
             if not alive.any():
-                steps = t + 1
                 break
-    return Episodes(obs_buf[:steps], act_buf[:steps], torch.from_numpy(rew_buf[:steps]),
-                    torch.from_numpy(mask_buf[:steps]))
+    return [Episodes(obs_buf[: steps[i], i].contiguous(), act_buf[: steps[i], i].contiguous(),
+                     torch.from_numpy(rew_buf[: steps[i], i].copy()),
+                     torch.from_numpy(mask_buf[: steps[i], i].copy())) for i in range(tasks)]
 
 
 def _baseline_features(episodes: Episodes) -> torch.Tensor:

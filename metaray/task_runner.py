@@ -22,9 +22,13 @@ from metaray.algorithms.maml import leaf_params, meta_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.config import Config
 from metaray.policy import Params, SpaceSpec, build_policy, unflatten
-from metaray.rollout import Episodes, collect, compute_advantages
+from metaray.rollout import Episodes, collect, collect_many, compute_advantages
 from metaray.tasks import Task, TaskFamily, make_family
 from metaray.tasks.batched import BatchedEnv, EnvList
+
+
+def _finite(params: Params) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in params.values())
 
 
 class TaskEnvError(RuntimeError):
@@ -160,30 +164,72 @@ class TaskRunner:
         self, flat_params: np.ndarray, task: Task, task_index: int, seed: np.random.SeedSequence,
         iteration: int = 0,
     ) -> TaskResult:
+        return self.run_tasks(flat_params, [(task_index, task, seed)], iteration)[0]
+
+    def run_tasks(
+        self, flat_params: np.ndarray, jobs: list[tuple[int, Task, np.random.SeedSequence]], iteration: int = 0,
+    ) -> list[TaskResult]:
+        """Several tasks of an iteration at once.
+
+        Every batch (each inner step's, then the validation one) of every task is sampled
+        together, one policy forward per time step for all their episodes; then each task's
+        update is computed on its own episodes. A task's result is the same whether it runs
+        alone or beside others (a test checks it bit for bit).
+        """
         start = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        envs = self.make_envs(task)
         theta = self.params_from(flat_params)
-        inner = self._losses(envs, rng)
-        valid = EpisodeLoss(self, envs, rng)
-        try:
-            vector, outer_loss = self._update(iteration, task_index, theta, inner, valid)
-        except NonFiniteError:  # returned, counted and rejected by the learner, never applied
-            vector, outer_loss = torch.full((self.n_params,), float("nan")), float("nan")
-        sample_s = sum(loss.sample_s for loss in inner) + valid.sample_s
-        envs.close()
-        total = time.perf_counter() - start
-        episodes = [e.episodes for e in [*inner, valid] if e.episodes is not None]
-        nan = float("nan")
-        return TaskResult(
-            task_index=task_index,
-            vector=vector.numpy().astype(np.float32),
-            outer_loss=outer_loss,
-            pre_return=float(inner[0].episodes.returns.mean()) if inner[0].episodes is not None else nan,
-            post_return=float(valid.episodes.returns.mean()) if valid.episodes is not None else nan,
-            env_steps=sum(e.steps for e in episodes),
-            timings={"sample_s": sample_s, "adapt_s": total - sample_s},
-        )
+        runs = []
+        for _, task, seed in jobs:
+            rng = np.random.default_rng(seed)
+            envs = self.make_envs(task)
+            runs.append((envs, self._losses(envs, rng), EpisodeLoss(self, envs, rng)))
+        current = [theta] * len(jobs)
+        steps = self.config.inner.steps
+        for k in range(steps + 1):
+            batch = [(i, run[1][k] if k < steps else run[2]) for i, run in enumerate(runs) if _finite(current[i])]
+            self.sample_many([current[i] for i, _ in batch], [loss for _, loss in batch])
+            if k < steps:  # where the next batch is sampled from (the update below recomputes it)
+                for i, loss in batch:
+                    current[i] = {n: v.detach() for n, v in
+                                  adapt(leaf_params(current[i]), [loss], self.config.inner.lr, False).items()}
+        setup_s = time.perf_counter() - start - sum(loss.sample_s for run in runs for loss in [*run[1], run[2]])
+        results = []
+        for (task_index, _, _), (envs, inner, valid) in zip(jobs, runs):
+            task_start = time.perf_counter()
+            try:
+                vector, outer_loss = self._update(iteration, task_index, theta, inner, valid)
+            except NonFiniteError:  # returned, counted and rejected by the learner, never applied
+                vector, outer_loss = torch.full((self.n_params,), float("nan")), float("nan")
+            envs.close()
+            sample_s = sum(loss.sample_s for loss in [*inner, valid])
+            episodes = [e.episodes for e in [*inner, valid] if e.episodes is not None]
+            nan = float("nan")
+            results.append(TaskResult(
+                task_index=task_index,
+                vector=vector.numpy().astype(np.float32),
+                outer_loss=outer_loss,
+                pre_return=float(inner[0].episodes.returns.mean()) if inner[0].episodes is not None else nan,
+                post_return=float(valid.episodes.returns.mean()) if valid.episodes is not None else nan,
+                env_steps=sum(e.steps for e in episodes),
+                timings={"sample_s": sample_s,
+                         "adapt_s": time.perf_counter() - task_start + setup_s / len(jobs)},
+            ))
+        return results
+
+    def sample_many(self, params: list[Params], losses: list[EpisodeLoss]) -> None:
+        """Fill each loss's episodes, all tasks stepped together (time split evenly among them)."""
+        if not losses:
+            return
+        start = time.perf_counter()
+        gens = [torch.Generator().manual_seed(loss.torch_seed) for loss in losses]
+        detached = [{k: v.detach() for k, v in p.items()} for p in params]
+        batches = collect_many(self.policy, detached, [loss.envs for loss in losses], self.config.rollout.horizon,
+                               [loss.env_seeds for loss in losses], gens)
+        r = self.config.rollout
+        elapsed = time.perf_counter() - start
+        for loss, episodes in zip(losses, batches):
+            loss.episodes = compute_advantages(episodes, r.gamma, r.gae_lambda, r.normalize_advantages)
+            loss.sample_s = elapsed / len(losses)
 
     def _update(self, iteration: int, task_index: int, theta: Params, inner: list[EpisodeLoss],
                 valid: EpisodeLoss) -> tuple[torch.Tensor, float]:

@@ -1,6 +1,6 @@
 """The worker actor: a thin Ray shell around a TaskRunner.
 
-Contract: ``run_task`` for training, ``evaluate`` for held-out tasks, and, for TRPO,
+Contract: ``run_tasks`` for training, ``evaluate`` for held-out tasks, and, for TRPO,
 ``trpo_hvp`` / ``trpo_loss_kl`` on the episodes it kept for the iteration, so that no
 trajectory ever leaves the worker that sampled it.
 """
@@ -31,11 +31,13 @@ class Worker:
         self.index = index
         self.node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
 
-    def run_task(self, flat_params: np.ndarray, iteration: int, task_index: int, task: Task) -> TaskResult:
-        seed = seeding.train_episode_seed(self.config.seed, iteration, task_index)
-        result = self.runner.run_task(flat_params, task, task_index, seed, iteration)
-        result.worker = f"worker-{self.index}@{self.node}"
-        return result
+    def run_tasks(self, flat_params: np.ndarray, iteration: int, tasks: list[tuple[int, Task]]) -> list[TaskResult]:
+        """Run (task index, task) pairs of an iteration together; one result each, in order."""
+        jobs = [(i, task, seeding.train_episode_seed(self.config.seed, iteration, i)) for i, task in tasks]
+        results = self.runner.run_tasks(flat_params, jobs, iteration)
+        for result in results:
+            result.worker = f"worker-{self.index}@{self.node}"
+        return results
 
     def trpo_hvp(self, iteration: int, task_indices: list[int], flat_params: np.ndarray,
                  vector: np.ndarray) -> list[np.ndarray]:
