@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,7 +29,7 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         return
     if address:
         check_reachable(address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        _connect(address)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
@@ -42,6 +43,20 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _connect(address: str, attempts: int = 3) -> None:
+    """ray.init to a cluster; a Ray Client server that fails to start (a busy head) is retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            return
+        except (ConnectionError, RuntimeError) as err:
+            if not address.startswith("ray://") or attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning("Ray Client connection to %s failed (%s); retrying",
+                                                address, str(err).splitlines()[-1] if str(err) else err)
+            time.sleep(2.0 * attempt)
 
 
 def resolve_address(address: str | None) -> str | None:

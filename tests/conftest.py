@@ -86,7 +86,9 @@ def loopback_cluster():
     # The nodes run in this virtualenv, as pods run in the image: `python` in a job is ours.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp")),
-                              env={"RAY_AUTH_MODE": "disabled", "PATH": path})
+                              env={"RAY_AUTH_MODE": "disabled", "PATH": path,
+                                   # A busy 2-core CI machine can take a while to start a Ray Client server.
+                                   "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"})
     start = time.monotonic()
     try:
         cluster.start_head(start_params(spec["headGroupSpec"], cluster.head_ip))

@@ -79,7 +79,8 @@ def test_cluster_launcher_config_validates_against_rays_schema():
 def test_training_through_ray_client_uses_every_node(loopback_cluster, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "quickstart", *SHORT, "--output", str(out), "--address", loopback_cluster.client_address)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    server_logs = "".join(p.read_text()[-1500:] for p in loopback_cluster.temp_dir.rglob("ray_client_server*.err"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + server_logs
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     assert rows[-1]["workers_per_node"] == "127.0.0.5=1,127.0.0.6=1"
     assert rows[-1]["tasks_per_node"] == "127.0.0.5=2,127.0.0.6=2"
