@@ -1,4 +1,4 @@
-"""Command line: ``metaray train | eval | presets``."""
+"""Command line: ``metaray train | eval | submit | jobs | bench | presets``."""
 
 from __future__ import annotations
 
