@@ -19,7 +19,7 @@ import torch
 from metaray.config import Config, load_config
 from metaray.policy import flatten
 from metaray.run_dir import RunDir
-from metaray.task_runner import TaskRunner
+from metaray.task_runner import EpisodeLoss, TaskRunner
 
 
 def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
@@ -58,12 +58,10 @@ def rollout_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     runner = TaskRunner(config)
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     env = runner.make_envs(task)
-    params = runner.template
-    steps, start, seed = 0, time.perf_counter(), 0
+    rng = np.random.default_rng(0)
+    steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        episodes = runner.sample(params, env, list(range(seed, seed + env.num_envs)), seed)
-        steps += episodes.steps
-        seed += env.num_envs
+        steps += EpisodeLoss(runner, env, rng).sample(runner.template).steps
     return steps / (time.perf_counter() - start)
 
 

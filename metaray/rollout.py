@@ -129,15 +129,11 @@ def discounted_sum(values: torch.Tensor, mask: torch.Tensor, discount: float) ->
     return (powers @ (values * mask)) * mask
 
 
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    return discounted_sum(rewards, mask, gamma)
-
-
 def fit_baseline(episodes: Episodes, gamma: float) -> torch.Tensor:
     """Per-task value estimates [T, N] from a ridge regression on the episodes' returns."""
     feats = _baseline_features(episodes).to(torch.float64)
     mask = episodes.mask.to(torch.float64)
-    targets = discounted_returns(episodes.rewards.to(torch.float64), mask, gamma)
+    targets = discounted_sum(episodes.rewards.to(torch.float64), mask, gamma)
     x = (feats * mask.unsqueeze(-1)).reshape(-1, feats.shape[-1])
     y = (targets * mask).reshape(-1, 1)
     xtx, xty = x.T @ x, x.T @ y

@@ -22,7 +22,7 @@ from metaray.algorithms.maml import leaf_params, meta_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.config import Config
 from metaray.policy import Params, SpaceSpec, build_policy, unflatten
-from metaray.rollout import Episodes, collect, collect_many, compute_advantages
+from metaray.rollout import Episodes, collect_many, compute_advantages
 from metaray.tasks import Task, TaskFamily, make_family
 from metaray.tasks.batched import BatchedEnv, EnvList
 
@@ -74,9 +74,7 @@ class EpisodeLoss:
 
     def sample(self, params: Params) -> Episodes:
         if self.episodes is None:
-            start = time.perf_counter()
-            self.episodes = self.runner.sample(params, self.envs, self.env_seeds, self.torch_seed)
-            self.sample_s = time.perf_counter() - start
+            self.runner.sample_many([params], [self])
         return self.episodes
 
     def __call__(self, params: Params) -> torch.Tensor:
@@ -142,15 +140,6 @@ class TaskRunner:
                 raise TaskEnvError(f"task family {self.config.task.family!r} failed to make a batched env for "
                                    f"task {task}: {type(err).__name__}: {err}") from err
         return EnvList([self.make_env(task) for _ in range(n)])
-
-    def sample(self, params: Params, envs: BatchedEnv, env_seeds: list[int], torch_seed: int) -> Episodes:
-        gen = torch.Generator().manual_seed(torch_seed)
-        detached = {k: v.detach() for k, v in params.items()}
-        if not all(torch.isfinite(v).all() for v in detached.values()):
-            raise NonFiniteError("non-finite policy parameters")
-        episodes = collect(self.policy, detached, envs, self.config.rollout.horizon, env_seeds, gen)
-        r = self.config.rollout
-        return compute_advantages(episodes, r.gamma, r.gae_lambda, r.normalize_advantages)
 
     def params_from(self, flat: np.ndarray | torch.Tensor) -> Params:
         return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)
@@ -220,6 +209,8 @@ class TaskRunner:
         """Fill each loss's episodes, all tasks stepped together (time split evenly among them)."""
         if not losses:
             return
+        if not all(_finite(p) for p in params):
+            raise NonFiniteError("non-finite policy parameters")
         start = time.perf_counter()
         gens = [torch.Generator().manual_seed(loss.torch_seed) for loss in losses]
         detached = [{k: v.detach() for k, v in p.items()} for p in params]
