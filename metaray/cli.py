@@ -1,4 +1,4 @@
-"""Command line: ``metaray train | eval | submit | jobs | bench | presets``."""
+"""Command line: ``metaray train | eval | report | runs compare | submit | jobs | bench | presets``."""
 
 from __future__ import annotations
 
@@ -96,12 +96,14 @@ def train(
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
             run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             run.prepare(cfg, overwrite)
+        from metaray.progress import make_progress
+
         typer.echo(f"run directory: {run.path}")
         cpus = cfg.resources.num_workers * cfg.resources.cpus_per_worker
         start = time.perf_counter()
         with ray_session(address, cpus):
-            summary = train_loop(cfg, run, log=lambda line: typer.echo(line), runner=runner,
-                                 resume=resume is not None)
+            summary = train_loop(cfg, run, runner=runner, resume=resume is not None,
+                                 progress=make_progress(sys.stdout, typer.echo))
         result = summary["eval"]
         mean, se = result.mean_return, result.stderr_return
         typer.echo(f"done in {time.perf_counter() - start:.1f}s")
@@ -119,33 +121,119 @@ def eval_(
     tasks: Annotated[int, typer.Option(min=1, help="Held-out tasks.")] = 40,
     steps: Annotated[int, typer.Option(min=0, max=50, help="Adaptation steps (0..K are reported).")] = 3,
     seed: Annotated[int | None, typer.Option(help="Seed of the held-out stream (default: the run's).")] = None,
+    baselines: Annotated[str | None, typer.Option(
+        help="Also evaluate baselines on the same tasks: random, pretrained, ppo or all, comma-separated; "
+             "bare --baselines means random,pretrained.")] = None,
+    ppo_budget: Annotated[int, typer.Option(min=1, help="Env steps PPO may take per task.")] = 200_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     address: AddressOpt = None,
 ) -> None:
-    """Adapt the final meta-policy on held-out tasks for 0..K steps."""
+    """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
+        from metaray import baselines as bl
         from metaray.cluster import ray_session
+        from metaray.progress import make_progress
         from metaray.run_dir import RunDir
-        from metaray.trainer import eval_run
+        from metaray.trainer import eval_policies, save_eval
 
+        names = bl.parse_names(baselines) if baselines is not None else []
         rd = RunDir(run_dir)
         cfg = rd.load_config()
         ckpt = rd.latest_checkpoint()
         eval_seed = cfg.seed if seed is None else seed
+        # With --json, stdout carries the JSON alone; progress goes to stderr.
+        progress = make_progress(sys.stderr if as_json else sys.stdout)
+        extra: dict[str, dict] = {}
         with ray_session(address, cfg.resources.num_workers * cfg.resources.cpus_per_worker):
-            result = eval_run(cfg, ckpt["params"].numpy(), tasks, steps, eval_seed)
+            policies = {"metaray": ckpt["params"].numpy()}
+            if "random" in names:
+                policies["random"] = bl.random_params(cfg)
+            if "pretrained" in names:
+                policies["pretrained"], path = bl.pretrained_params(cfg, rd, progress)
+                extra["pretrained"] = {"run_dir": str(path)}
+            results = eval_policies(cfg, policies, tasks, steps, eval_seed)
+            ppo_rows = []
+            if "ppo" in names:
+                from metaray.ppo import ppo_baseline
+
+                meta = results["metaray"]
+                progress.message(f"ppo baseline: RLlib PPO from scratch on {tasks} held-out tasks, "
+                                 f"up to {ppo_budget} env steps each")
+                extra["ppo"] = ppo_baseline(cfg, meta.tasks, meta.returns[:, steps].tolist(),
+                                            meta.env_steps[:, :steps].sum(1).tolist(), ppo_budget, eval_seed)
+                ppo_rows = [{"policy": "ppo", "task_index": i, "task": None, "adaptation_steps": None,
+                             "return": r["final_return"], "env_steps": r["env_steps_to_target"],
+                             "target_return": r["target_return"]}
+                            for i, r in enumerate(extra["ppo"]["per_task"])]
+        save_eval(rd, results, int(ckpt["iteration"]), eval_seed, ppo_rows)
+        summary = {name: {**results[name].to_json(), **extra.get(name, {})} for name in names if name in results}
+        if "ppo" in extra:
+            summary["ppo"] = {k: v for k, v in extra["ppo"].items() if k != "curves"}
         if as_json:
             out = {"run_dir": str(run_dir), "iteration": int(ckpt["iteration"]), "seed": eval_seed,
-                   **result.to_json()}
+                   **results["metaray"].to_json()}
+            if names:
+                out["baselines"] = summary
             sys.stdout.write(json.dumps(out) + "\n")
             return
         typer.echo(f"{run_dir} at iteration {ckpt['iteration']}: {tasks} held-out tasks, seed {eval_seed}")
-        typer.echo(f"{'steps':>5}  {'mean return':>12}  {'std':>9}  {'stderr':>9}")
-        for k, (m, s, e) in enumerate(zip(result.mean_return, result.std_return, result.stderr_return)):
-            typer.echo(f"{k:>5}  {m:12.3f}  {s:9.3f}  {e:9.3f}")
+        header = f"{'steps':>5}" + "".join(f"  {name:>22}" for name in results)
+        typer.echo(header + "\n" + f"{'':>5}" + "".join(f"  {'mean ± stderr':>22}" for _ in results))
+        for k in range(steps + 1):
+            cells = "".join(f"  {r.mean_return[k]:12.3f} ± {r.stderr_return[k]:7.3f}" for r in results.values())
+            typer.echo(f"{k:>5}{cells}")
+        if "ppo" in summary:
+            p = summary["ppo"]
+            bound = " (at least: some tasks never reached it)" if p["ratio_is_lower_bound"] else ""
+            typer.echo(f"ppo: reached metaray's {steps}-step return on {p['reached']}/{p['tasks']} tasks; median "
+                       f"{p['median_env_steps_to_target']:,.0f} env steps vs {p['metaray_adaptation_env_steps']:,.0f}"
+                       f" for metaray's adaptation = {p['sample_efficiency_ratio'] or float('nan'):.1f}x{bound}")
+        typer.echo(f"wrote {rd.eval_path}")
 
     _run_guarded(run)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")]) -> None:
+    """Write PNG plots (learning curve; adaptation curve with baselines once evaluated) into RUN_DIR."""
+    from metaray.report import report as make_report
+    from metaray.run_dir import RunDir
+
+    for path in _run_guarded(lambda: make_report(RunDir(run_dir))):
+        typer.echo(f"wrote {path}")
+
+
+runs_app = typer.Typer(help="Look at several run directories together.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories with an evaluation.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list on stdout.")] = False,
+) -> None:
+    """Final held-out returns of several runs side by side (from each run's eval.parquet)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from metaray.report import compare_rows
+
+    rows = _run_guarded(lambda: compare_rows(run_dirs))
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    steps = max(len(r["return"]) for r in rows)
+    table = Table(title="held-out return after k adaptation steps (mean ± stderr)")
+    for col in ["run", "algorithm", "family", "iteration", "tasks", *[f"k={k}" for k in range(steps)],
+                "random", "pretrained"]:
+        table.add_column(col, justify="left" if col in ("run", "algorithm", "family") else "right", no_wrap=True)
+    for r in rows:
+        cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(r["return"], r["stderr"])]
+        cells += [""] * (steps - len(cells))
+        last = [f"{r[name][-1]:.2f}" if name in r else "-" for name in ("random", "pretrained")]
+        table.add_row(r["run"], r["algorithm"], r["family"], str(r["iteration"]), str(r["tasks"]), *cells, *last)
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
 
 
 @app.command()
@@ -250,8 +338,25 @@ def presets() -> None:
         typer.echo(name)
 
 
+def _bare_baselines(argv: list[str]) -> list[str]:
+    """``--baselines`` with no value means the default set (click options cannot have optional values).
+
+    The next word is the option's value unless it is another option or an existing path
+    (the RUN_DIR argument), so ``--baselines RUN_DIR`` and ``--baselines --json`` both work.
+    """
+    from metaray.baselines import DEFAULT
+
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--baselines" and (nxt is None or nxt.startswith("-") or Path(nxt).exists()):
+            out.append(",".join(DEFAULT))
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=_bare_baselines(sys.argv[1:]), prog_name="metaray")
 
 
 if __name__ == "__main__":

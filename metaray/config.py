@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Algorithm = Literal["reptile", "fomaml", "maml"]
+Algorithm = Literal["reptile", "fomaml", "maml", "pretrain"]
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,7 @@ class TRPOConfig(_Section):
 
 class OuterConfig(_Section):
     optimizer: Literal["adam", "sgd", "trpo"] = "adam"
-    """Outer optimizer; trpo only for algorithm maml."""
+    """Outer optimizer; trpo only for algorithms maml and pretrain."""
     lr: float = Field(1e-3, gt=0)
     """Outer step size (unused by trpo, whose step is set by max_kl)."""
     meta_batch_size: int = Field(20, ge=1)
@@ -144,7 +144,7 @@ class EvalConfig(_Section):
 
 class Config(_Section):
     algorithm: Algorithm = "maml"
-    """Meta-learning algorithm."""
+    """Meta-learning algorithm; pretrain is the no-adaptation baseline (one policy for all tasks)."""
     seed: int = Field(0, ge=0)
     """Root of every random stream of the run."""
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -158,9 +158,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _trpo_needs_maml(self) -> Config:
-        if self.outer.optimizer == "trpo" and self.algorithm != "maml":
+        if self.outer.optimizer == "trpo" and self.algorithm not in ("maml", "pretrain"):
             raise ValueError(
-                f"outer.optimizer 'trpo' needs algorithm 'maml' (got {self.algorithm!r}); "
+                f"outer.optimizer 'trpo' needs algorithm 'maml' or 'pretrain' (got {self.algorithm!r}); "
                 "use 'adam' or 'sgd'"
             )
         return self

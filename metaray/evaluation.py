@@ -1,20 +1,33 @@
-"""Held-out evaluation: adapt on tasks training never saw, report return per step."""
+"""Held-out evaluation (the MAML paper's protocol): adapt on tasks training never saw.
+
+Every policy evaluated in one call (the meta-learned one and its baselines) meets the same
+held-out tasks with the same episode seeds, so their curves differ only by the policy.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
 
 from metaray import seeding
 from metaray.pool import WorkerPool
-from metaray.tasks import TaskFamily
+from metaray.tasks import Task, TaskFamily
+
+
+def task_json(task: Task) -> str:
+    """A task dict as JSON (numpy scalars and arrays become plain numbers and lists)."""
+    return json.dumps(task, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
 
 
 @dataclass
 class EvalResult:
     returns: np.ndarray  # [tasks, steps + 1]: mean episode return after k adaptation steps
+    env_steps: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))  # same shape
+    tasks: list[Task] = field(default_factory=list)
 
     @property
     def mean_return(self) -> list[float]:
@@ -28,7 +41,7 @@ class EvalResult:
     def stderr_return(self) -> list[float]:
         return (self.returns.std(0, ddof=1 if len(self.returns) > 1 else 0) / np.sqrt(len(self.returns))).tolist()
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "tasks": int(self.returns.shape[0]),
             "steps": int(self.returns.shape[1] - 1),
@@ -37,19 +50,38 @@ class EvalResult:
             "stderr_return": self.stderr_return,
         }
 
+    def rows(self, policy: str) -> list[dict[str, Any]]:
+        """One row per (task, adaptation steps), for eval.parquet."""
+        return [
+            {"policy": policy, "task_index": i, "task": task_json(task), "adaptation_steps": k,
+             "return": float(self.returns[i, k]), "env_steps": int(self.env_steps[i, k])}
+            for i, task in enumerate(self.tasks) for k in range(self.returns.shape[1])
+        ]
 
-def evaluate(
+
+def evaluate_many(
     pool: WorkerPool,
     family: TaskFamily,
-    flat_params: np.ndarray,
+    policies: dict[str, np.ndarray],
     tasks: int,
     steps: int,
     seed: int,
-) -> EvalResult:
-    """Adapt ``flat_params`` for 0..steps inner steps on ``tasks`` held-out tasks."""
+) -> dict[str, EvalResult]:
+    """Adapt each policy for 0..steps inner steps on the same ``tasks`` held-out tasks."""
     held_out = seeding.eval_tasks(family, seed, tasks)
-    params_ref = ray.put(np.asarray(flat_params, dtype=np.float32))
-    returns: dict[int, list[float]] = {}
-    pool.map(lambda w, i: w.evaluate.remote(params_ref, held_out[i], i, steps, seed), list(range(tasks)),
-             lambda i, _, value: returns.__setitem__(i, value))
-    return EvalResult(np.asarray([returns[i] for i in range(tasks)], dtype=np.float64))
+    jobs = [(name, i) for name in policies for i in range(tasks)]
+    refs = {name: ray.put(np.asarray(p, dtype=np.float32)) for name, p in policies.items()}
+    out: dict[tuple[str, int], tuple[list[float], list[int]]] = {}
+    pool.map(lambda w, j: w.evaluate.remote(refs[jobs[j][0]], held_out[jobs[j][1]], jobs[j][1], steps, seed),
+             list(range(len(jobs))), lambda j, _, value: out.__setitem__(jobs[j], value))
+    return {
+        name: EvalResult(np.asarray([out[(name, i)][0] for i in range(tasks)], dtype=np.float64),
+                         np.asarray([out[(name, i)][1] for i in range(tasks)], dtype=np.int64), held_out)
+        for name in policies
+    }
+
+
+def evaluate(pool: WorkerPool, family: TaskFamily, flat_params: np.ndarray, tasks: int, steps: int,
+             seed: int) -> EvalResult:
+    """Adapt ``flat_params`` for 0..steps inner steps on ``tasks`` held-out tasks."""
+    return evaluate_many(pool, family, {"metaray": flat_params}, tasks, steps, seed)["metaray"]

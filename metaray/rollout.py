@@ -41,6 +41,13 @@ class Episodes:
                         cast(self.advantages))
 
 
+def concat_episodes(batches: list[Episodes]) -> Episodes:
+    """Several batches of one task as one (all are padded to the same horizon)."""
+    cat = lambda name: torch.cat([getattr(b, name) for b in batches], dim=1)  # noqa: E731
+    advantages = None if any(b.advantages is None for b in batches) else cat("advantages")
+    return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), advantages)
+
+
 def collect(
     policy: Policy,
     params: Params,

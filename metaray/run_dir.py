@@ -1,4 +1,8 @@
-"""The run directory: resolved config, checkpoints, metrics. Every write is atomic."""
+"""The run directory: resolved config, checkpoints, Parquet tables. Every write is atomic.
+
+Tables are rewritten whole after each iteration (temporary file, fsync, rename), so a
+run killed at any moment leaves every completed iteration's rows in a readable file.
+"""
 
 from __future__ import annotations
 
@@ -112,12 +116,27 @@ class RunDir:
             hint = f"; delete it to resume from {files[-2].name}" if len(files) > 1 else ""
             raise ConfigError(f"{err}{hint}") from None
 
+    @property
+    def tasks_path(self) -> Path:
+        return self.path / "tasks.parquet"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.parquet"
+
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        return pq.read_table(self.metrics_path).to_pylist()
+        return read_rows(self.metrics_path)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite metrics.parquet whole (small: one row per iteration), atomically."""
-        table = pa.Table.from_pylist(rows)
-        atomic_write(self.metrics_path, lambda f: pq.write_table(table, f))
+        write_rows(self.metrics_path, rows)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A Parquet table's rows; none when the file does not exist yet."""
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite a Parquet table whole, atomically."""
+    table = pa.Table.from_pylist(rows)
+    atomic_write(path, lambda f: pq.write_table(table, f))

@@ -22,7 +22,7 @@ from metaray.algorithms.maml import leaf_params, meta_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.config import Config
 from metaray.policy import Params, SpaceSpec, build_policy, unflatten
-from metaray.rollout import Episodes, collect_many, compute_advantages
+from metaray.rollout import Episodes, collect_many, compute_advantages, concat_episodes
 from metaray.tasks import Task, TaskFamily, make_family
 from metaray.tasks.batched import BatchedEnv, EnvList
 
@@ -177,7 +177,8 @@ class TaskRunner:
         for k in range(steps + 1):
             batch = [(i, run[1][k] if k < steps else run[2]) for i, run in enumerate(runs) if _finite(current[i])]
             self.sample_many([current[i] for i, _ in batch], [loss for _, loss in batch])
-            if k < steps:  # where the next batch is sampled from (the update below recomputes it)
+            if k < steps and self.config.algorithm != "pretrain":  # where the next batch is sampled from
+                # (the update below recomputes these steps)
                 for i, loss in batch:
                     current[i] = {n: v.detach() for n, v in
                                   adapt(leaf_params(current[i]), [loss], self.config.inner.lr, False).items()}
@@ -226,6 +227,16 @@ class TaskRunner:
                 valid: EpisodeLoss) -> tuple[torch.Tensor, float]:
         """The task's contribution to the outer step: (vector, outer loss)."""
         cfg = self.config
+        if cfg.algorithm == "pretrain":
+            # Every batch was sampled at theta: the plain policy gradient on all of them, with
+            # no adaptation in the objective (MAML with zero inner steps, so TRPO works alike).
+            combined = concat_episodes([loss.episodes for loss in [*inner, valid]])
+            old = log_probs(self.policy, theta, combined).detach()
+            vector, loss, phi = meta_gradient(
+                theta, [], lambda p: surrogate_loss(self.policy, p, combined, old), cfg.inner.lr, False)
+            if cfg.outer.optimizer == "trpo":
+                self._keep_for_trpo(iteration, task_index, phi, [], combined)
+            return vector, float(loss)
         if cfg.algorithm == "reptile":
             delta, phi = reptile_delta(theta, list(inner), cfg.inner.lr)
             valid.sample(phi)  # post-adaptation return, for the metrics
@@ -304,20 +315,28 @@ class TaskRunner:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, flat_params: np.ndarray, task: Task, steps: int, seed: np.random.SeedSequence) -> list[float]:
-        """Mean return after 0, 1, ..., steps adaptation steps, each on fresh episodes."""
+    def evaluate(self, flat_params: np.ndarray, task: Task, steps: int,
+                 seed: np.random.SeedSequence) -> tuple[list[float], list[int]]:
+        """Mean return after 0, 1, ..., steps adaptation steps, each on fresh episodes.
+
+        Also returns the env steps of each of those batches: the first ``steps`` of them are
+        what adaptation cost, the figure a sample-efficiency comparison needs.
+        """
         rng = np.random.default_rng(seed)
         envs = self.make_envs(task)
         params = self.params_from(flat_params)
         returns: list[float] = []
+        env_steps: list[int] = []
         try:
             for k in range(steps + 1):
                 loss = EpisodeLoss(self, envs, rng)
-                returns.append(float(loss.sample(params).returns.mean()))
+                episodes = loss.sample(params)
+                returns.append(float(episodes.returns.mean()))
+                env_steps.append(episodes.steps)
                 if k < steps:
                     params = adapt(leaf_params(params), [loss], self.config.inner.lr, create_graph=False)
         except NonFiniteError:  # a task whose rewards break adaptation reports NaN from there on
             returns += [float("nan")] * (steps + 1 - len(returns))
+            env_steps += [0] * (steps + 1 - len(env_steps))
         envs.close()
-        return returns
-
+        return returns, env_steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
@@ -13,17 +14,18 @@ import ray
 
 from metaray import seeding
 from metaray.config import Config, ConfigError
-from metaray.evaluation import EvalResult, evaluate
+from metaray.evaluation import EvalResult, evaluate, evaluate_many, task_json
+from metaray.events import EventLog
 from metaray.learner import start_learner
 from metaray.policy import flatten
 from metaray.pool import WorkerPool
-from metaray.run_dir import RunDir
+from metaray.progress import FAULT_KEYS, LineProgress, Progress
+from metaray.run_dir import RunDir, read_rows, write_rows
 from metaray.task_runner import TaskRunner
+from metaray.tasks import Task
 from metaray.worker import start_workers
 
 Log = Callable[[str], None]
-
-FAULT_KEYS = ("worker_failures", "worker_restarts", "task_retries", "task_timeouts")
 
 
 def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_steps: int) -> dict[str, Any]:
@@ -44,7 +46,9 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "time_adapt_s": float(sum(t["adapt_s"] for t in tasks)),
         "time_gather_s": out["gather_s"],
         "time_outer_s": out["outer_s"],
+        "outer_loss": float(np.mean([t["outer_loss"] for t in kept])),
         "grad_norm": out["grad_norm"],
+        "trpo_kl": out.get("trpo_kl"),
         "tasks_counted": len(tasks),
         "task_indices": ",".join(str(t["task_index"]) for t in tasks),
         "rejected_results": out["rejected_results"],
@@ -53,6 +57,29 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "tasks_per_node": ",".join(f"{k}={v}" for k, v in sorted(nodes.items())),
         "workers_per_node": ",".join(f"{k}={v}" for k, v in sorted(workers.items())),
     }
+
+
+def task_rows(iteration: int, out: dict[str, Any], tasks: list[Task]) -> list[dict[str, Any]]:
+    """One row per task of the iteration: what it was, where it ran, what it returned."""
+    rows = []
+    for t in out["tasks"]:
+        task = json.loads(task_json(tasks[t["task_index"]]))
+        worker, _, node = t["worker"].partition("@")
+        rows.append({
+            "iteration": iteration, "task_index": t["task_index"], "task": json.dumps(task, sort_keys=True),
+            **{f"task_{k}": v for k, v in task.items()},
+            "worker": worker, "node": node, "pre_return": t["pre_return"], "post_return": t["post_return"],
+            "outer_loss": t["outer_loss"], "env_steps": t["env_steps"], "rejected": t["rejected"],
+            "sample_s": t["sample_s"], "adapt_s": t["adapt_s"],
+        })
+    return rows
+
+
+def save_eval(run: RunDir, results: dict[str, EvalResult], iteration: int, seed: int,
+              extra: list[dict[str, Any]] = ()) -> None:
+    """Replace eval.parquet with this evaluation: one row per (policy, task, adaptation steps)."""
+    rows = [{"iteration": iteration, "seed": seed, **row} for name, r in results.items() for row in r.rows(name)]
+    write_rows(run.eval_path, rows + [{"iteration": iteration, "seed": seed, **row} for row in extra])
 
 
 def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, source: str) -> None:
@@ -71,14 +98,16 @@ def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, 
 
 
 def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | None = None,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Meta-train on the connected Ray cluster; returns the final params, rows and held-out evaluation.
 
     With ``resume`` the run continues from the run directory's newest checkpoint; since all
     randomness is a function of (seed, iteration, task), the result is bit-identical to a
-    run that was never interrupted.
+    run that was never interrupted. metrics.parquet, tasks.parquet and the TensorBoard
+    events are written after every iteration.
     """
     runner = runner or TaskRunner(config)
+    progress = progress or LineProgress(log)
     flat0 = flatten(runner.template).numpy()
     checkpoint = None
     if resume:
@@ -87,15 +116,19 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     tag = uuid.uuid4().hex[:8]
     workers = start_workers(config, name_prefix=f"metaray-worker-{tag}")
     learner = start_learner(config, flat0, workers)
-    start_it, rows = 0, []
+    start_it, rows, per_task = 0, [], []
     if checkpoint is not None:
         ray.get(learner.set_state.remote(checkpoint))
         start_it = int(checkpoint["iteration"])
         rows = [r for r in run.read_metrics() if r["iteration"] < start_it]
-        log(f"resuming from iteration {start_it}")
+        per_task = [r for r in read_rows(run.tasks_path) if r["iteration"] < start_it]
+        progress.message(f"resuming from iteration {start_it}")
+    events = EventLog(run.path, purge_step=start_it if checkpoint is not None else None)
     total_steps = rows[-1]["total_env_steps"] if rows else 0
-    log(f"meta-training {config.algorithm} on {config.task.family}: {config.outer.iterations} iterations, "
-        f"{config.outer.meta_batch_size} tasks each, {len(workers)} workers, {flat0.size} parameters")
+    progress.message(f"meta-training {config.algorithm} on {config.task.family}: {config.outer.iterations} "
+                     f"iterations, {config.outer.meta_batch_size} tasks each, {len(workers)} workers, "
+                     f"{flat0.size} parameters")
+    progress.start(config.outer.iterations, start_it)
     try:
         for it in range(start_it, config.outer.iterations):
             start = time.perf_counter()
@@ -104,27 +137,38 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
             row = iteration_row(it, out, time.perf_counter() - start, total_steps)
             total_steps = row["total_env_steps"]
             rows.append(row)
+            per_task += task_rows(it, out, tasks)
             run.write_metrics(rows)
-            faults = sum(row[k] for k in FAULT_KEYS)
-            log(f"iter {it + 1:4d}/{config.outer.iterations}  pre {row['pre_return']:9.3f}  "
-                f"post {row['post_return']:9.3f}  steps/s {row['env_steps_per_s']:8.0f}  "
-                f"{row['time_iteration_s']:.2f}s" + (f"  faults {faults}" if faults else ""))
+            write_rows(run.tasks_path, per_task)
+            events.iteration(row)
+            progress.update(row)
             if it + 1 == config.outer.iterations or (it + 1) % config.checkpoint.every == 0:
                 run.save_checkpoint(it + 1, ray.get(learner.get_state.remote()), config, config.checkpoint.keep)
+        progress.close()
         final = ray.get(learner.get_state.remote())["params"].numpy()
         result = evaluate(WorkerPool(workers), runner.family, final, config.eval.tasks, config.eval.steps,
                           config.seed)
+        save_eval(run, {"metaray": result}, config.outer.iterations, config.seed)
+        events.evaluation(config.outer.iterations, result.mean_return)
     finally:
+        progress.close()
+        events.close()
         for actor in [*workers, learner]:
             ray.kill(actor, no_restart=True)
     return {"params": final, "eval": result, "rows": rows}
 
 
 def eval_run(config: Config, flat_params: np.ndarray, tasks: int, steps: int, seed: int) -> EvalResult:
+    return eval_policies(config, {"metaray": flat_params}, tasks, steps, seed)["metaray"]
+
+
+def eval_policies(config: Config, policies: dict[str, np.ndarray], tasks: int, steps: int,
+                  seed: int) -> dict[str, EvalResult]:
+    """Evaluate several policies on the same held-out tasks with one pool of workers."""
     runner = TaskRunner(config)
     workers = start_workers(config)
     try:
-        return evaluate(WorkerPool(workers), runner.family, flat_params, tasks, steps, seed)
+        return evaluate_many(WorkerPool(workers), runner.family, policies, tasks, steps, seed)
     finally:
         for actor in workers:
             ray.kill(actor, no_restart=True)

@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 SMOKE = ["-s", "outer.iterations=2", "-s", "outer.meta_batch_size=3", "-s", "inner.episodes=3",
          "-s", "rollout.horizon=15", "-s", "policy.hidden_sizes=[8]", "-s", "eval.tasks=3", "-s", "eval.steps=2"]
-OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"]}
+OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"], "pretrain": ["trpo"]}
 
 
 @pytest.mark.parametrize("family", sorted(BUILTIN_FAMILIES))

@@ -158,10 +158,11 @@ def test_trpo_step_is_the_natural_gradient_at_the_kl_boundary():
     assert out.kl <= max_kl
 
 
-@pytest.mark.parametrize("family,inner_steps", [("navigation2d", 1), ("navigation2d", 2), ("cartpole", 1)])
-def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient(family, inner_steps):
+@pytest.mark.parametrize("family,inner_steps,algorithm", [("navigation2d", 1, "maml"), ("navigation2d", 2, "maml"),
+                                                          ("cartpole", 1, "maml"), ("navigation2d", 1, "pretrain")])
+def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient(family, inner_steps, algorithm):
     """The worker's TRPO product is the Hessian of the post-adaptation KL, checked numerically."""
-    cfg = validate({"algorithm": "maml", "seed": 1, "task": {"family": family},
+    cfg = validate({"algorithm": algorithm, "seed": 1, "task": {"family": family},
                     "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4, "steps": inner_steps},
                     "rollout": {"horizon": 10}, "outer": {"optimizer": "trpo"}})
     runner = TaskRunner(cfg)
@@ -182,3 +183,34 @@ def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient
     fd = (kl_grad(flat + eps * v) - kl_grad(flat - eps * v)) / (2 * eps)
     assert np.linalg.norm(hv) > 1e-3
     assert _rel_err(torch.from_numpy(hv), fd) < 2e-2  # float32 policy: a looser, still discriminating bound
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_steps):
+    """The no-adaptation baseline: the policy gradient at theta on every batch sampled for the task."""
+    cfg = validate({"algorithm": "pretrain", "seed": 2, "task": {"family": "navigation2d"},
+                    "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 5, "steps": inner_steps},
+                    "rollout": {"horizon": 12}, "outer": {"optimizer": "trpo"}})
+    runner = TaskRunner(cfg)
+    flat = flatten(runner.template).numpy()
+    task = runner.family.sample_tasks(1, np.random.default_rng(4))[0]
+    result = runner.run_task(flat, task, 0, np.random.SeedSequence(9), iteration=0)
+    state = runner._trpo[(0, 0)]
+    assert state.valid.mask.shape[1] == 5 * (inner_steps + 1), "every batch of the budget is used"
+    assert result.env_steps == state.valid.steps
+    # Independently, in float64: central differences of the importance-weighted loss on those episodes.
+    policy = runner.policy.double()
+    episodes = state.valid.to(torch.float64)
+    old = state.old_log_probs.double()
+
+    def loss(x: torch.Tensor) -> float:
+        return float(surrogate_loss(policy, unflatten(x, runner.template), episodes, old))
+
+    x0 = torch.from_numpy(flat).double()
+    fd = torch.zeros_like(x0)
+    for i in range(x0.numel()):
+        e = torch.zeros_like(x0)
+        e[i] = 1e-6
+        fd[i] = (loss(x0 + e) - loss(x0 - e)) / 2e-6
+    assert fd.norm() > 1e-3
+    assert _rel_err(torch.from_numpy(result.vector).double(), fd) < 1e-3

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from metaray.config import ConfigError, load_config
-from metaray.run_dir import RunDir
+from metaray.run_dir import RunDir, read_rows
 from metaray.trainer import train
 from tests.conftest import ROOT, run_cli
 
@@ -126,12 +126,22 @@ def test_driver_killed_then_resumed_is_bit_identical(ray_local, ray_address, tmp
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.wait()
-    assert len(run.read_metrics()) < 6, "the driver was meant to die mid-run"
+    done = [r["iteration"] for r in run.read_metrics()]
+    assert 3 <= len(done) < 6, "the driver was meant to die mid-run"
+    # Every completed iteration kept its rows: metrics contiguous, each with all its task rows
+    # (tasks.parquet is written first, so it may hold one iteration more).
+    assert done == list(range(len(done)))
+    per_task = read_rows(run.tasks_path)
+    kept = sorted({r["iteration"] for r in per_task})
+    assert kept[: len(done)] == done and len(kept) - len(done) <= 1
+    assert all(sum(r["iteration"] == i for r in per_task) == cfg.outer.meta_batch_size for i in kept)
     proc = run_cli("train", "--resume", str(out), "--address", ray_address)
     assert proc.returncode == 0, proc.stderr
     assert "resuming from iteration" in proc.stdout
     assert np.array_equal(run.latest_checkpoint()["params"].numpy(), expected)
     assert [r["iteration"] for r in run.read_metrics()] == list(range(6))
+    assert sorted(r["iteration"] for r in read_rows(run.tasks_path)) == sorted(
+        list(range(6)) * cfg.outer.meta_batch_size), "resuming drops the killed iteration's rows, then re-runs it"
 
 
 def test_truncated_checkpoint_is_refused_on_resume(tmp_path):

@@ -1,0 +1,122 @@
+"""Pictures and tables from run directories: what a user looks at to judge a run.
+
+Everything is read back from the run's Parquet files, so a report can be made at any
+time, for a finished run, a running one or one that was killed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metaray.config import ConfigError
+from metaray.run_dir import RunDir, read_rows
+
+FIGSIZE, DPI = (7.0, 4.5), 100  # 700 x 450 pixels
+POLICY_STYLE = {"metaray": ("metaray (meta-learned)", "tab:blue"), "pretrained": ("pretrained", "tab:orange"),
+                "random": ("random init", "tab:gray")}
+
+
+def _figure() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=FIGSIZE, dpi=DPI)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def learning_curve(run: RunDir, path: Path) -> Path:
+    """Mean pre- and post-adaptation return of the training tasks against iteration."""
+    rows = run.read_metrics()
+    if not rows:
+        raise ConfigError(f"{run.metrics_path} has no rows yet: nothing to plot")
+    its = [r["iteration"] + 1 for r in rows]
+    fig, ax = _figure()
+    ax.plot(its, [r["pre_return"] for r in rows], label="before adaptation", color="tab:gray")
+    ax.plot(its, [r["post_return"] for r in rows], label="after adaptation", color="tab:blue")
+    cfg = run.load_config()
+    ax.set(xlabel="meta-iteration", ylabel="mean return (training tasks)",
+           title=f"{cfg.algorithm} on {cfg.task.family}: learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def eval_curves(run: RunDir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """policy -> (mean, standard error) of the held-out return per adaptation step, from eval.parquet."""
+    rows = [r for r in read_rows(run.eval_path) if r["adaptation_steps"] is not None]
+    curves = {}
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        steps = max(r["adaptation_steps"] for r in mine) + 1
+        tasks = max(r["task_index"] for r in mine) + 1
+        table = np.full((tasks, steps), np.nan)
+        for r in mine:
+            table[r["task_index"], r["adaptation_steps"]] = r["return"]
+        se = table.std(0, ddof=1) / np.sqrt(tasks) if tasks > 1 else np.zeros(steps)
+        curves[policy] = (table.mean(0), se)
+    return curves
+
+
+def adaptation_curve(run: RunDir, path: Path) -> Path:
+    """Held-out return after 0..K adaptation steps, meta-learned policy and baselines."""
+    curves = eval_curves(run)
+    if not curves:
+        raise ConfigError(f"{run.eval_path} does not exist: run `metaray eval {run.path}` first")
+    fig, ax = _figure()
+    for policy, (mean, se) in curves.items():
+        label, color = POLICY_STYLE.get(policy, (policy, None))
+        steps = np.arange(len(mean))
+        ax.errorbar(steps, mean, yerr=se, label=label, color=color, marker="o", capsize=3)
+    cfg = run.load_config()
+    ax.set(xlabel="adaptation steps (policy-gradient)", ylabel="mean return (held-out tasks)",
+           title=f"{cfg.algorithm} on {cfg.task.family}: adaptation on held-out tasks")
+    ax.set_xticks(range(max(len(m) for m, _ in curves.values())))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def report(run: RunDir) -> list[Path]:
+    """Write the run's plots next to its data; returns their paths."""
+    if not run.config_path.is_file():
+        raise ConfigError(f"{run.path} is not a metaray run directory (no config.yaml)")
+    out = [learning_curve(run, run.path / "learning_curve.png")]
+    if run.eval_path.is_file():
+        out.append(adaptation_curve(run, run.path / "adaptation_curve.png"))
+    return out
+
+
+def compare_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """Final held-out returns of several runs, one row each, from their eval.parquet."""
+    rows = []
+    for path in paths:
+        run = RunDir(path)
+        cfg = run.load_config()
+        curves = eval_curves(run)
+        if "metaray" not in curves:
+            raise ConfigError(f"{run.eval_path} holds no evaluation: run `metaray eval {path}` first")
+        evals = read_rows(run.eval_path)
+        mean, se = curves["metaray"]
+        row: dict[str, Any] = {
+            "run": str(path), "algorithm": cfg.algorithm, "family": cfg.task.family,
+            "iteration": evals[0]["iteration"], "tasks": len({r["task_index"] for r in evals}),
+            "return": [float(m) for m in mean], "stderr": [float(s) for s in se],
+        }
+        for name in ("random", "pretrained"):
+            if name in curves:
+                row[name] = [float(m) for m in curves[name][0]]
+        rows.append(row)
+    return rows
