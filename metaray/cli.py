@@ -125,6 +125,8 @@ def eval_(
         help="Also evaluate baselines on the same tasks: random, pretrained, ppo or all, comma-separated; "
              "bare --baselines means random,pretrained.")] = None,
     ppo_budget: Annotated[int, typer.Option(min=1, help="Env steps PPO may take per task.")] = 200_000,
+    ppo_tasks: Annotated[int | None, typer.Option(
+        min=1, help="Run PPO on the first N held-out tasks only (default: all; PPO is costly).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     address: AddressOpt = None,
 ) -> None:
@@ -157,11 +159,11 @@ def eval_(
             if "ppo" in names:
                 from metaray.ppo import ppo_baseline
 
-                meta = results["metaray"]
-                progress.message(f"ppo baseline: RLlib PPO from scratch on {tasks} held-out tasks, "
+                meta, n = results["metaray"], min(tasks, ppo_tasks or tasks)
+                progress.message(f"ppo baseline: RLlib PPO from scratch on {n} held-out tasks, "
                                  f"up to {ppo_budget} env steps each")
-                extra["ppo"] = ppo_baseline(cfg, meta.tasks, meta.returns[:, steps].tolist(),
-                                            meta.env_steps[:, :steps].sum(1).tolist(), ppo_budget, eval_seed)
+                extra["ppo"] = ppo_baseline(cfg, meta.tasks[:n], meta.returns[:n, steps].tolist(),
+                                            meta.env_steps[:n, :steps].sum(1).tolist(), ppo_budget, eval_seed)
                 ppo_rows = [{"policy": "ppo", "task_index": i, "task": None, "adaptation_steps": None,
                              "return": r["final_return"], "env_steps": r["env_steps_to_target"],
                              "target_return": r["target_return"]}

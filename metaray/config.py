@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Algorithm = Literal["reptile", "fomaml", "maml", "pretrain"]
+Algorithm = Literal["reptile", "fomaml", "maml", "promp", "pretrain"]
 
 
 class ConfigError(ValueError):
@@ -86,6 +86,15 @@ class TRPOConfig(_Section):
     """Shrink factor per line-search step."""
 
 
+class ProMPConfig(_Section):
+    steps: int = Field(5, ge=1)
+    """Outer optimizer steps per batch of samples (the first at the sampling parameters)."""
+    clip: float = Field(0.3, gt=0, lt=1)
+    """Clipping range of the outer likelihood ratio."""
+    kl_coef: float = Field(5e-4, ge=0)
+    """Weight of the KL penalty between sampling-time and current pre-update policies."""
+
+
 class OuterConfig(_Section):
     optimizer: Literal["adam", "sgd", "trpo"] = "adam"
     """Outer optimizer; trpo only for algorithms maml and pretrain."""
@@ -96,6 +105,7 @@ class OuterConfig(_Section):
     iterations: int = Field(100, ge=1)
     """Meta-iterations to run."""
     trpo: TRPOConfig = Field(default_factory=TRPOConfig)
+    promp: ProMPConfig = Field(default_factory=ProMPConfig)
 
 
 class RolloutConfig(_Section):

@@ -106,10 +106,10 @@ class Learner:
                     holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> dict[str, Any]:
         if self.config.algorithm == "reptile":
             mean = pseudo_gradient(mean)
+        if self.config.algorithm == "promp":
+            return self._promp_steps(iteration, mean, valid, holders, tasks, params_ref)
         if self.optimizer is not None:
-            self.optimizer.zero_grad()
-            self.params.grad = mean.clone()
-            self.optimizer.step()
+            self._apply(mean)
             return {"grad_norm": float(mean.norm())}
         trpo = self.config.outer.trpo
         indices = [r["task_index"] for r in valid]
@@ -132,6 +132,23 @@ class Learner:
             self.params.copy_(result.params)
         return {"grad_norm": float(mean.norm()), "trpo_accepted": result.accepted,
                 "trpo_ls_steps": result.line_search_steps, "trpo_kl": result.kl}
+
+    def _apply(self, gradient: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        self.params.grad = gradient.clone()
+        self.optimizer.step()
+
+    def _promp_steps(self, iteration: int, mean: torch.Tensor, valid: list[dict[str, Any]],
+                     holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> dict[str, Any]:
+        """ProMP: outer.promp.steps optimizer steps on this iteration's samples; the workers that
+        keep each task's episodes compute its meta-gradient at the current parameters."""
+        indices = [r["task_index"] for r in valid]
+        self._apply(mean)
+        for _ in range(self.config.outer.promp.steps - 1):
+            current = ray.put(self.params.detach().numpy().copy())
+            parts = self._ask_holders(iteration, "promp_gradient", indices, holders, tasks, params_ref, current)
+            self._apply(torch.tensor(np.mean(parts, axis=0)))
+        return {"grad_norm": float(mean.norm())}
 
     def _ask_holders(self, iteration: int, method: str, indices: list[int], holders: dict[int, int],
                      tasks: list[Task], params_ref: ray.ObjectRef, *args: Any) -> list[Any]:

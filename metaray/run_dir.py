@@ -137,6 +137,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite a Parquet table whole, atomically."""
-    table = pa.Table.from_pylist(rows)
+    """Rewrite a Parquet table whole, atomically; a column missing from some rows is null there."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # pyarrow would take the first row's
+    table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
     atomic_write(path, lambda f: pq.write_table(table, f))

@@ -19,6 +19,7 @@ from torch.distributions import Distribution
 from metaray.algorithms.adapt import adapt
 from metaray.algorithms.losses import log_probs, mean_kl, pg_loss, surrogate_loss
 from metaray.algorithms.maml import leaf_params, meta_gradient
+from metaray.algorithms.promp import promp_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.config import Config
 from metaray.policy import Params, SpaceSpec, build_policy, unflatten
@@ -95,14 +96,16 @@ class _GradientGraph:
 
 
 @dataclass
-class _TRPOState:
-    """What stays on the worker between a task's gradient and the learner's TRPO step."""
+class _KeptTask:
+    """What stays on the worker between a task's gradient and the learner's outer step
+    (TRPO's products and line search, ProMP's further outer steps)."""
 
     inner_losses: list[EpisodeLoss]
     valid: Episodes
     old_log_probs: torch.Tensor
     old_dist: Distribution
     products: list[_GradientGraph] | None = None  # inner-loss Hessians, then the Fisher at phi
+    inner_old: list[Distribution] | None = None  # ProMP: the policies that sampled the inner batches
 
 
 class TaskRunner:
@@ -116,7 +119,7 @@ class TaskRunner:
         self.policy = build_policy(self.spec, config.policy, config.seed)
         self.template = self.policy.params()
         self.n_params = sum(p.numel() for p in self.template.values())
-        self._trpo: dict[tuple[int, int], _TRPOState] = {}
+        self._kept: dict[tuple[int, int], _KeptTask] = {}
 
     # -- environment and sampling -------------------------------------------------------
 
@@ -235,8 +238,10 @@ class TaskRunner:
             vector, loss, phi = meta_gradient(
                 theta, [], lambda p: surrogate_loss(self.policy, p, combined, old), cfg.inner.lr, False)
             if cfg.outer.optimizer == "trpo":
-                self._keep_for_trpo(iteration, task_index, phi, [], combined)
+                self._keep(iteration, task_index, phi, [], combined)
             return vector, float(loss)
+        if cfg.algorithm == "promp":
+            return self._promp_start(iteration, task_index, theta, inner, valid)
         if cfg.algorithm == "reptile":
             delta, phi = reptile_delta(theta, list(inner), cfg.inner.lr)
             valid.sample(phi)  # post-adaptation return, for the metrics
@@ -249,30 +254,57 @@ class TaskRunner:
 
         vector, loss, phi = meta_gradient(theta, list(inner), outer, cfg.inner.lr, cfg.algorithm == "fomaml")
         if cfg.outer.optimizer == "trpo":
-            self._keep_for_trpo(iteration, task_index, phi, inner, valid.episodes)
+            self._keep(iteration, task_index, phi, inner, valid.episodes)
         return vector, float(loss)
 
-    # -- TRPO: products and line-search values on the episodes kept here -------------------
+    # -- episodes kept for the outer step ----------------------------------------------------
 
-    def _keep_for_trpo(self, iteration: int, task_index: int, phi: Params,
-                       inner: list[EpisodeLoss], valid: Episodes) -> None:
-        for key in [k for k in self._trpo if k[0] != iteration]:
-            del self._trpo[key]
+    def _keep(self, iteration: int, task_index: int, phi: Params,
+              inner: list[EpisodeLoss], valid: Episodes) -> _KeptTask:
+        for key in [k for k in self._kept if k[0] != iteration]:
+            del self._kept[key]
         with torch.no_grad():
-            self._trpo[(iteration, task_index)] = _TRPOState(
+            kept = self._kept[(iteration, task_index)] = _KeptTask(
                 inner_losses=inner,
                 valid=valid,
                 old_log_probs=log_probs(self.policy, phi, valid),
                 old_dist=self.policy.dist(valid.obs, phi),
             )
+        return kept
 
-    def _state(self, iteration: int, task_index: int) -> _TRPOState:
+    # -- ProMP: several outer steps on one batch of samples ---------------------------------
+
+    def _promp_start(self, iteration: int, task_index: int, theta: Params, inner: list[EpisodeLoss],
+                     valid: EpisodeLoss) -> tuple[torch.Tensor, float]:
+        """Keep the task's episodes and the policies that sampled them; the gradient at theta."""
+        params, inner_old = theta, []
+        for loss in inner:  # the same steps that chose where each batch was sampled
+            with torch.no_grad():
+                inner_old.append(self.policy.dist(loss.episodes.obs, params))
+            params = {n: v.detach() for n, v in adapt(leaf_params(params), [loss], self.config.inner.lr,
+                                                         False).items()}
+        self._keep(iteration, task_index, params, inner, valid.sample(params)).inner_old = inner_old
+        return self._promp_gradient(self._state(iteration, task_index), theta)
+
+    def _promp_gradient(self, state: _KeptTask, theta: Params) -> tuple[torch.Tensor, float]:
+        p = self.config.outer.promp
+        return promp_gradient(self.policy, theta, [loss.episodes for loss in state.inner_losses], state.inner_old,
+                              state.valid, state.old_log_probs, self.config.inner.lr, p.clip, p.kl_coef)
+
+    def promp_gradient(self, iteration: int, task_index: int, flat_params: np.ndarray) -> np.ndarray:
+        """ProMP's meta-gradient at the learner's current parameters, on the kept episodes."""
+        vector, _ = self._promp_gradient(self._state(iteration, task_index), self.params_from(flat_params))
+        return vector.numpy().astype(np.float32)
+
+    # -- TRPO: products and line-search values on the kept episodes ------------------------
+
+    def _state(self, iteration: int, task_index: int) -> _KeptTask:
         try:
-            return self._trpo[(iteration, task_index)]
+            return self._kept[(iteration, task_index)]
         except KeyError:
             raise LostTaskStateError(f"no episodes kept for task {task_index} of iteration {iteration}") from None
 
-    def _adapted(self, state: _TRPOState, theta: Params, create_graph: bool) -> Params:
+    def _adapted(self, state: _KeptTask, theta: Params, create_graph: bool) -> Params:
         return adapt(theta, list(state.inner_losses), self.config.inner.lr, create_graph)
 
     def trpo_hvp(self, iteration: int, task_index: int, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:

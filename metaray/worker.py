@@ -47,6 +47,9 @@ class Worker:
                      flat_params: np.ndarray) -> list[tuple[float, float]]:
         return [self.runner.trpo_loss_kl(iteration, i, flat_params) for i in task_indices]
 
+    def promp_gradient(self, iteration: int, task_indices: list[int], flat_params: np.ndarray) -> list[np.ndarray]:
+        return [self.runner.promp_gradient(iteration, i, flat_params) for i in task_indices]
+
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
                  seed: int) -> tuple[list[float], list[int]]:
         return self.runner.evaluate(flat_params, task, steps, seeding.eval_episode_seed(seed, task_index))

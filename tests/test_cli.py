@@ -13,7 +13,8 @@ from tests.conftest import run_cli
 
 SMOKE = ["-s", "outer.iterations=2", "-s", "outer.meta_batch_size=3", "-s", "inner.episodes=3",
          "-s", "rollout.horizon=15", "-s", "policy.hidden_sizes=[8]", "-s", "eval.tasks=3", "-s", "eval.steps=2"]
-OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"], "pretrain": ["trpo"]}
+OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"], "pretrain": ["trpo"],
+              "promp": ["adam"]}
 
 
 @pytest.mark.parametrize("family", sorted(BUILTIN_FAMILIES))
@@ -69,3 +70,17 @@ def test_user_family_whose_make_env_fails_names_task_and_family(tmp_path: Path):
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path):
     proc = run_cli("eval", str(tmp_path))
     assert proc.returncode == 2 and "not a metaray run directory" in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["halfcheetah-vel", "halfcheetah-dir", "ant-dir"])
+def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, family):
+    """The shipped MuJoCo presets, shrunk to fit CI: real MuJoCo rollouts, TRPO outer steps."""
+    out = tmp_path / "run"
+    proc = run_cli("train", family, "-s", "outer.iterations=2", "-s", "outer.meta_batch_size=2",
+                   "-s", "inner.episodes=2", "-s", "rollout.horizon=20", "-s", "resources.num_workers=2",
+                   "-s", "eval.tasks=2", "-s", "eval.steps=1", "--output", str(out), "--address", ray_address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "iter    2/2" in proc.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init_log_std": 0.0}
+    assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == "trpo"

@@ -128,7 +128,8 @@ def test_ppo_baseline_reports_steps_to_reach_the_adapted_return(nav_run, ray_add
         (needed[0] + needed[1]) / 2 / ppo["metaray_adaptation_env_steps"])
     assert ppo["ratio_is_lower_bound"] == (not all(t["reached"] for t in ppo["per_task"]))
     rows = [r for r in pq.read_table(nav_run / "eval.parquet").to_pylist() if r["policy"] == "ppo"]
-    assert len(rows) == 2
+    assert [r["target_return"] for r in rows] == pytest.approx(adapted)
+    assert [r["env_steps"] for r in rows] == [t["env_steps_to_target"] for t in ppo["per_task"]]
 
 
 def test_unknown_baseline_is_one_clear_error(nav_run):

@@ -169,7 +169,7 @@ def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient
     flat = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     runner.run_task(flat, task, 0, np.random.SeedSequence(5), iteration=0)
-    state = runner._trpo[(0, 0)]
+    state = runner._kept[(0, 0)]
     v = np.random.default_rng(3).standard_normal(flat.size).astype(np.float32)
     hv = runner.trpo_hvp(0, 0, flat, v)
 
@@ -195,7 +195,7 @@ def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_
     flat = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(4))[0]
     result = runner.run_task(flat, task, 0, np.random.SeedSequence(9), iteration=0)
-    state = runner._trpo[(0, 0)]
+    state = runner._kept[(0, 0)]
     assert state.valid.mask.shape[1] == 5 * (inner_steps + 1), "every batch of the budget is used"
     assert result.env_steps == state.valid.steps
     # Independently, in float64: central differences of the importance-weighted loss on those episodes.
@@ -214,3 +214,59 @@ def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_
         fd[i] = (loss(x0 + e) - loss(x0 - e)) / 2e-6
     assert fd.norm() > 1e-3
     assert _rel_err(torch.from_numpy(result.vector).double(), fd) < 1e-3
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_promp_meta_gradient_matches_finite_differences(inner_steps):
+    """ProMP's worker-side meta-gradient (LVC inner steps, clipped outer ratio, inner KL penalty),
+    at parameters moved off the sampling point so clipping and the KL term are active."""
+    cfg = validate({"algorithm": "promp", "seed": 4, "task": {"family": "navigation2d"},
+                    "policy": {"hidden_sizes": [8], "init_log_std": -0.5},
+                    "inner": {"episodes": 6, "steps": inner_steps, "lr": 0.5}, "rollout": {"horizon": 15},
+                    "outer": {"promp": {"clip": 0.2, "kl_coef": 0.5}}})
+    runner = TaskRunner(cfg)
+    flat0 = flatten(runner.template).numpy()
+    task = runner.family.sample_tasks(1, np.random.default_rng(2))[0]
+    runner.run_task(flat0, task, 0, np.random.SeedSequence(8), iteration=0)
+    state = runner._kept[(0, 0)]
+    moved = flat0 + 0.05 * np.random.default_rng(5).standard_normal(flat0.size).astype(np.float32)
+    worker_grad = torch.from_numpy(runner.promp_gradient(0, 0, moved)).double()
+
+    # Independently, in float64: the sampling-time policies rebuilt from theta_0, then central
+    # differences of the ProMP objective written out here term by term.
+    policy = runner.policy.double()
+    inner = [loss.episodes.to(torch.float64) for loss in state.inner_losses]
+    valid = state.valid.to(torch.float64)
+    sampler = OrderedDict((k, v.double()) for k, v in runner.template.items())
+    olds = []
+    for batch in inner:
+        olds.append(policy.dist(batch.obs, sampler))
+        sampler = adapt(leaf_params(sampler), [lambda p, b=batch: pg_loss(policy, p, b)], cfg.inner.lr, False)
+    old_lp = log_probs(policy, {k: v.detach() for k, v in sampler.items()}, valid).detach()
+
+    def objective(x: torch.Tensor) -> float:
+        params, kl = unflatten(x, runner.template), 0.0
+        params = leaf_params(params)
+        for batch, old in zip(inner, olds):
+            kl = kl + mean_kl(policy, params, batch, old)
+            ratio = torch.exp(log_probs(policy, params, batch) - old.log_prob(batch.actions))  # old: a constant
+            lvc = -((ratio * batch.advantages * batch.mask).sum() / batch.mask.sum())
+            grads = torch.autograd.grad(lvc, list(params.values()))
+            params = OrderedDict((k, v - cfg.inner.lr * g) for (k, v), g in zip(params.items(), grads))
+        ratio = torch.exp(log_probs(policy, params, valid) - old_lp)
+        clipped = torch.min(ratio * valid.advantages, ratio.clamp(0.8, 1.2) * valid.advantages)
+        return float(-(clipped * valid.mask).sum() / valid.mask.sum() + 0.5 * kl)
+
+    x0 = torch.from_numpy(moved).double()
+    fd = torch.zeros_like(x0)
+    for i in range(x0.numel()):
+        e = torch.zeros_like(x0)
+        e[i] = 1e-6
+        fd[i] = (objective(x0 + e) - objective(x0 - e)) / 2e-6
+    assert fd.norm() > 1e-3
+    assert _rel_err(worker_grad, fd) < 2e-3, "float32 worker gradient vs float64 finite differences"
+    # Discriminating: MAML's objective (plain inner PG, unclipped ratio, no KL) has another gradient here.
+    maml_like, _, _ = meta_gradient(unflatten(x0, runner.template),
+                                    [lambda p, b=b: pg_loss(policy, p, b) for b in inner],
+                                    lambda p: surrogate_loss(policy, p, valid, old_lp), cfg.inner.lr, False)
+    assert _rel_err(maml_like, fd) > 5e-2

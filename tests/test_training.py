@@ -51,6 +51,7 @@ LEARNING = {
     ("maml", "navigation2d"): (["outer.iterations=30"], 8.0),
     ("reptile", "navigation2d"): (["algorithm=reptile", "inner.steps=2", "outer.iterations=30"], 5.0),
     ("maml", "cartpole"): (["task.family=cartpole", "outer.iterations=30"], 10.0),
+    ("promp", "navigation2d"): (["algorithm=promp", "outer.iterations=30"], 8.0),
     ("reptile", "cartpole"): (["task.family=cartpole", "algorithm=reptile", "inner.steps=4", "inner.lr=0.2",
                                "outer.lr=0.02", "outer.iterations=30"], 10.0),
 }

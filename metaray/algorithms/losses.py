@@ -13,7 +13,7 @@ from metaray.policy import Params, Policy
 from metaray.rollout import Episodes
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum()
 
 
@@ -23,15 +23,15 @@ def log_probs(policy: Policy, params: Params, episodes: Episodes) -> torch.Tenso
 
 def pg_loss(policy: Policy, params: Params, episodes: Episodes) -> torch.Tensor:
     """REINFORCE with advantages: the inner-loop loss."""
-    return -_masked_mean(log_probs(policy, params, episodes) * episodes.advantages, episodes.mask)
+    return -masked_mean(log_probs(policy, params, episodes) * episodes.advantages, episodes.mask)
 
 
 def surrogate_loss(policy: Policy, params: Params, episodes: Episodes, old_log_probs: torch.Tensor) -> torch.Tensor:
     """Importance-weighted loss; equals pg_loss in value of gradient where params are the sampler's."""
     ratio = torch.exp(log_probs(policy, params, episodes) - old_log_probs)
-    return -_masked_mean(ratio * episodes.advantages, episodes.mask)
+    return -masked_mean(ratio * episodes.advantages, episodes.mask)
 
 
 def mean_kl(policy: Policy, params: Params, episodes: Episodes, old_dist: Distribution) -> torch.Tensor:
     """KL(old || new) averaged over the valid timesteps."""
-    return _masked_mean(kl_divergence(old_dist, policy.dist(episodes.obs, params)), episodes.mask)
+    return masked_mean(kl_divergence(old_dist, policy.dist(episodes.obs, params)), episodes.mask)

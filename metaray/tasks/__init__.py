@@ -8,12 +8,16 @@ from typing import Any
 from metaray.tasks.bandit import Bandit
 from metaray.tasks.base import Task, TaskFamily
 from metaray.tasks.cartpole import CartPole
+from metaray.tasks.locomotion import AntDir, HalfCheetahDir, HalfCheetahVel
 from metaray.tasks.navigation2d import Navigation2D
 
 BUILTIN_FAMILIES: dict[str, type] = {
     "cartpole": CartPole,
     "navigation2d": Navigation2D,
     "bandit": Bandit,
+    "halfcheetah-vel": HalfCheetahVel,
+    "halfcheetah-dir": HalfCheetahDir,
+    "ant-dir": AntDir,
 }
 
 __all__ = ["BUILTIN_FAMILIES", "Task", "TaskFamily", "make_family", "resolve_family_class"]

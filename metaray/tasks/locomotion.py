@@ -1,0 +1,89 @@
+"""MuJoCo locomotion task families of the MAML paper, on gymnasium's v5 envs.
+
+- halfcheetah-vel: target forward velocity v_goal ~ U[low, high] (default [0, 2]);
+  reward -|v - v_goal| - control cost.
+- halfcheetah-dir: run forward (+1) or backward (-1); reward direction * v - control cost.
+- ant-dir: the same on the Ant, plus the v5 env's contact cost and healthy reward
+  (and its termination when the Ant is unhealthy).
+
+The control cost weight defaults to 0.05 (0.5 * 0.1 sum a^2, as in the MAML reference
+code's cheetah). Needs the ``mujoco`` extra (``gymnasium[mujoco]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from metaray.tasks.base import Task
+
+
+class _GoalReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Replaces the env's forward reward by the task's, from v5's ``x_velocity`` info."""
+
+    def __init__(self, env: gym.Env, task: Task, keep: tuple[str, ...]) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, task=task, keep=keep)
+        gym.Wrapper.__init__(self, env)
+        self.task, self.keep = task, keep
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, _, terminated, truncated, info = self.env.step(action)
+        v = float(info["x_velocity"])
+        if "velocity" in self.task:
+            forward = -abs(v - self.task["velocity"])
+        else:
+            forward = self.task["direction"] * v
+        reward = forward + sum(float(info[k]) for k in self.keep)
+        return obs, reward, terminated, truncated, {**info, "reward_task": forward}
+
+
+def _make(env_id: str, **kwargs: Any) -> gym.Env:
+    try:
+        return gym.make(env_id, **kwargs)
+    except (gym.error.DependencyNotInstalled, ImportError) as err:
+        raise RuntimeError(f"{env_id} needs MuJoCo: pip install 'metaray[mujoco]' ({err})") from None
+
+
+class HalfCheetahVel:
+    def __init__(self, low: float = 0.0, high: float = 2.0, ctrl_cost_weight: float = 0.05) -> None:
+        if not low <= high:
+            raise ValueError(f"low ({low}) must not exceed high ({high})")
+        self.low, self.high, self.ctrl_cost_weight = low, high, ctrl_cost_weight
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"velocity": float(v)} for v in rng.uniform(self.low, self.high, size=n)]
+
+    def make_env(self, task: Task) -> gym.Env:
+        env = _make("HalfCheetah-v5", ctrl_cost_weight=self.ctrl_cost_weight)
+        return _GoalReward(env, {"velocity": float(task["velocity"])}, keep=("reward_ctrl",))
+
+
+class HalfCheetahDir:
+    def __init__(self, ctrl_cost_weight: float = 0.05) -> None:
+        self.ctrl_cost_weight = ctrl_cost_weight
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
+
+    def make_env(self, task: Task) -> gym.Env:
+        if task["direction"] not in (-1, 1):
+            raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
+        env = _make("HalfCheetah-v5", ctrl_cost_weight=self.ctrl_cost_weight)
+        return _GoalReward(env, {"direction": int(task["direction"])}, keep=("reward_ctrl",))
+
+
+class AntDir:
+    def __init__(self, ctrl_cost_weight: float = 0.5) -> None:
+        self.ctrl_cost_weight = ctrl_cost_weight
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
+
+    def make_env(self, task: Task) -> gym.Env:
+        if task["direction"] not in (-1, 1):
+            raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
+        env = _make("Ant-v5", ctrl_cost_weight=self.ctrl_cost_weight)
+        return _GoalReward(env, {"direction": int(task["direction"])},
+                           keep=("reward_ctrl", "reward_contact", "reward_survive"))
