@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/metaray train quickstart --output runs/quickstart --overwrite
+	$(BIN)/metaray report runs/quickstart
 
 test: $(STAMP)
 	$(BIN)/ruff check metaray tests

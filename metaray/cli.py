@@ -1,4 +1,4 @@
-"""Command line: ``metaray train | eval | report | runs compare | submit | jobs | bench | presets``."""
+"""Command line: ``metaray train | eval | report | runs compare | serve | submit | jobs | bench | presets``."""
 
 from __future__ import annotations
 
@@ -204,6 +204,47 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
     for path in _run_guarded(lambda: make_report(RunDir(run_dir))):
         typer.echo(f"wrote {path}")
+
+
+@app.command("serve")
+def serve_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="HTTP bind address (0.0.0.0 to listen on every interface).")] = "127.0.0.1",
+    replicas: Annotated[int, typer.Option(min=1, help="Serve replicas of the meta-policy.")] = 1,
+    cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs reserved per replica.")] = 1.0,
+    address: AddressOpt = None,
+) -> None:
+    """Serve the meta-policy on Ray Serve: POST /adapt adapts it to a task, GET /healthz names it."""
+    import signal
+
+    def run() -> None:
+        from ray import serve
+
+        from metaray.cluster import ray_session
+        from metaray.run_dir import RunDir
+        from metaray.serve import build_app
+
+        rd = RunDir(run_dir)
+        rd.load_config()
+        rd.latest_checkpoint()  # a missing or damaged model fails here, not in a replica
+        with ray_session(address, replicas * cpus_per_replica):
+            # SIGTERM (a pod stopping, a test) takes Ctrl-C's path, so Serve is shut down; set
+            # after connecting, since ray.init installs a SIGTERM handler of its own.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            serve.start(http_options={"host": host, "port": port})
+            try:
+                serve.run(build_app({"run_dir": str(rd.path.resolve()), "replicas": replicas,
+                                     "cpus_per_replica": cpus_per_replica}),
+                          name="metaray", route_prefix="/")
+                typer.echo(f"serving {run_dir} on http://{host}:{port} (POST /adapt, GET /healthz); Ctrl-C stops")
+                signal.pause()
+            except KeyboardInterrupt:
+                typer.echo("stopping")
+            finally:
+                serve.shutdown()
+
+    _run_guarded(run)
 
 
 runs_app = typer.Typer(help="Look at several run directories together.", no_args_is_help=True)

@@ -354,6 +354,12 @@ class TaskRunner:
         Also returns the env steps of each of those batches: the first ``steps`` of them are
         what adaptation cost, the figure a sample-efficiency comparison needs.
         """
+        returns, env_steps, _ = self.adapt_to(flat_params, task, steps, seed)
+        return returns, env_steps
+
+    def adapt_to(self, flat_params: np.ndarray, task: Task, steps: int,
+                 seed: np.random.SeedSequence) -> tuple[list[float], list[int], Params]:
+        """Adapt to ``task`` with real rollouts: returns and env steps per step, and the adapted params."""
         rng = np.random.default_rng(seed)
         envs = self.make_envs(task)
         params = self.params_from(flat_params)
@@ -370,5 +376,6 @@ class TaskRunner:
         except NonFiniteError:  # a task whose rewards break adaptation reports NaN from there on
             returns += [float("nan")] * (steps + 1 - len(returns))
             env_steps += [0] * (steps + 1 - len(env_steps))
-        envs.close()
-        return returns, env_steps
+        finally:
+            envs.close()
+        return returns, env_steps, {n: v.detach() for n, v in params.items()}

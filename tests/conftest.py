@@ -42,6 +42,16 @@ def ray_address(ray_local) -> str:
     return ray_local.get_runtime_context().gcs_address
 
 
+@pytest.fixture(scope="session")
+def nav_run(ray_address, tmp_path_factory) -> Path:
+    """A short real navigation2d meta-training (quickstart, 30 iterations) on the session's Ray."""
+    out = tmp_path_factory.mktemp("nav") / "nav"
+    proc = run_cli("train", "quickstart", "-s", "outer.iterations=30", "-s", "eval.tasks=5", "--output", str(out),
+                   "--address", ray_address)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "metaray.cli", *args],

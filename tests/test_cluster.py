@@ -21,7 +21,8 @@ from metaray.trainer import train
 from tests.conftest import ROOT, run_cli
 
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
-MANIFESTS = {"raycluster.yaml": "raycluster_v1.json", "rayjob.yaml": "rayjob_v1.json"}
+MANIFESTS = {"raycluster.yaml": "raycluster_v1.json", "rayjob.yaml": "rayjob_v1.json",
+             "rayservice.yaml": "rayservice_v1.json"}
 SHORT = ["--set", "outer.iterations=2", "--set", "outer.meta_batch_size=4", "--set", "inner.episodes=4",
          "--set", "rollout.horizon=20", "--set", "eval.tasks=2"]
 
@@ -38,7 +39,8 @@ def test_manifest_validates_against_kuberay_schema(name):
 
 
 @pytest.mark.parametrize("name,typo", [("raycluster.yaml", ("enableInTreeAutoscaling", "enableInTreeAutoscalling")),
-                                       ("rayjob.yaml", ("shutdownAfterJobFinishes", "shutdownAfterJobFinish"))])
+                                       ("rayjob.yaml", ("shutdownAfterJobFinishes", "shutdownAfterJobFinish")),
+                                       ("rayservice.yaml", ("serveConfigV2", "serveConfig2"))])
 def test_misspelled_field_fails_the_schema(tmp_path, name, typo):
     text = (ROOT / "k8s" / name).read_text()
     assert typo[0] in text
@@ -46,6 +48,29 @@ def test_misspelled_field_fails_the_schema(tmp_path, name, typo):
     bad.write_text(text.replace(typo[0], typo[1]))
     proc = _check_schema(bad, MANIFESTS[name])
     assert proc.returncode != 0 and typo[1] in proc.stdout
+
+
+def test_rayservice_serve_config_deploys_metaray():
+    """The Serve config inside the RayService parses with Ray Serve's own schema, and its import
+    path and args build the adaptation service (the service itself is tested in test_serve.py)."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from metaray.serve import ServeArgs
+
+    doc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    module, _, attr = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    built = builder(app.args)
+    args = ServeArgs.model_validate(app.args)
+    assert args.run_dir.startswith("/runs/") and args.replicas == 2
+    assert type(built).__name__ == "Application"
+    mounts = {m["mountPath"] for c in doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+              for m in c.get("volumeMounts", [])}
+    assert "/runs" in mounts, "the run directory must be mounted where serveConfigV2 says"
 
 
 def test_manifests_match_the_pinned_ray_and_the_image():
@@ -57,7 +82,7 @@ def test_manifests_match_the_pinned_ray_and_the_image():
     assert f'org.opencontainers.image.version="{project["version"]}"' in dockerfile
     for name in MANIFESTS:
         doc = yaml.safe_load((ROOT / "k8s" / name).read_text())
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"].get("rayClusterConfig", doc["spec"]))
         assert spec["rayVersion"] == ray_pin
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {image}

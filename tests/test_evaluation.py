@@ -18,16 +18,6 @@ TINY = ["-s", "outer.iterations=3", "-s", "outer.meta_batch_size=4", "-s", "inne
         "-s", "rollout.horizon=20", "-s", "policy.hidden_sizes=[16]", "-s", "eval.tasks=3"]
 
 
-@pytest.fixture(scope="module")
-def nav_run(ray_address, tmp_path_factory) -> Path:
-    """A short real navigation2d run (quickstart, 30 iterations), evaluated with the default baselines."""
-    out = tmp_path_factory.mktemp("eval") / "nav"
-    proc = run_cli("train", "quickstart", "-s", "outer.iterations=30", "-s", "eval.tasks=5", "--output", str(out),
-                   "--address", ray_address)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
 def test_eval_baselines_json_and_meta_policy_beats_them(nav_run, ray_address):
     """MAML paper protocol: 40 held-out tasks, 0..3 steps; after one step meta-learning must win by a margin."""
     proc = run_cli("eval", str(nav_run), "--baselines", "--json", "--tasks", "40", "--steps", "3",
