@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from metaray.config import Config, ConfigError
+from metaray.evaluation import EvalResult
 from metaray.policy import flatten
 from metaray.progress import Progress
 from metaray.run_dir import RunDir
 from metaray.task_runner import TaskRunner
+from metaray.trainer import eval_policies, train
 
 NAMES = ("random", "pretrained", "ppo")
 DEFAULT = ("random", "pretrained")
@@ -47,8 +50,6 @@ def pretrain_config(config: Config) -> Config:
 
 def pretrained_params(config: Config, run: RunDir, progress: Progress) -> tuple[np.ndarray, Path]:
     """Train (or reuse, or finish) the pretrained baseline of ``run``; its final params."""
-    from metaray.trainer import train
-
     base = RunDir(run.path / "baselines" / "pretrained")
     cfg = pretrain_config(config)
     files = base.checkpoint_files() if base.config_path.is_file() else []
@@ -65,3 +66,39 @@ def pretrained_params(config: Config, run: RunDir, progress: Progress) -> tuple[
     progress.message(f"pretrained baseline: training algorithm pretrain with the run's budget into {base.path}")
     base.prepare(cfg, overwrite=True)
     return train(cfg, base, progress=progress)["params"], base.path
+
+
+def evaluate_with_baselines(
+    config: Config, run: RunDir, params: np.ndarray, names: list[str], tasks: int, steps: int, seed: int,
+    progress: Progress, ppo_budget: int, ppo_tasks: int | None,
+) -> tuple[dict[str, EvalResult], dict[str, Any], list[dict[str, Any]]]:
+    """The meta-policy and the named baselines on the same held-out tasks.
+
+    Returns the adaptation curves by policy, the baselines' JSON summary, and the PPO rows
+    for eval.parquet. Pretraining runs first, then one worker pool evaluates every
+    policy, then (its workers gone) PPO gets the cluster's CPUs.
+    """
+    policies = {"metaray": params}
+    summary: dict[str, Any] = {}
+    if "random" in names:
+        policies["random"] = random_params(config)
+    if "pretrained" in names:
+        policies["pretrained"], path = pretrained_params(config, run, progress)
+        summary["pretrained"] = {"run_dir": str(path)}
+    results = eval_policies(config, policies, tasks, steps, seed)
+    for name in policies.keys() - {"metaray"}:
+        summary[name] = {**results[name].to_json(), **summary.get(name, {})}
+    rows: list[dict[str, Any]] = []
+    if "ppo" in names:
+        from metaray.ppo import ppo_baseline
+
+        meta, n = results["metaray"], min(tasks, ppo_tasks or tasks)
+        progress.message(f"ppo baseline: RLlib PPO from scratch on {n} held-out tasks, up to {ppo_budget} env "
+                         f"steps each")
+        ppo = ppo_baseline(config, meta.tasks[:n], meta.returns[:n, steps].tolist(),
+                           meta.env_steps[:n, :steps].sum(1).tolist(), ppo_budget, seed)
+        summary["ppo"] = {k: v for k, v in ppo.items() if k != "curves"}
+        rows = [{"policy": "ppo", "task_index": i, "task": None, "adaptation_steps": None,
+                 "return": r["final_return"], "env_steps": r["env_steps_to_target"],
+                 "target_return": r["target_return"]} for i, r in enumerate(ppo["per_task"])]
+    return results, {n: summary[n] for n in NAMES if n in summary}, rows

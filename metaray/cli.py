@@ -71,6 +71,7 @@ def train(
 
     def run() -> None:
         from metaray.cluster import check_reachable, ray_session, resolve_address
+        from metaray.progress import make_progress
         from metaray.run_dir import RunDir
         from metaray.task_runner import TaskRunner
         from metaray.trainer import check_compatible
@@ -96,8 +97,6 @@ def train(
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
             run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             run.prepare(cfg, overwrite)
-        from metaray.progress import make_progress
-
         typer.echo(f"run directory: {run.path}")
         cpus = cfg.resources.num_workers * cfg.resources.cpus_per_worker
         start = time.perf_counter()
@@ -133,45 +132,23 @@ def eval_(
     """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
-        from metaray import baselines as bl
+        from metaray.baselines import evaluate_with_baselines, parse_names
         from metaray.cluster import ray_session
         from metaray.progress import make_progress
         from metaray.run_dir import RunDir
-        from metaray.trainer import eval_policies, save_eval
+        from metaray.trainer import save_eval
 
-        names = bl.parse_names(baselines) if baselines is not None else []
+        names = parse_names(baselines) if baselines is not None else []
         rd = RunDir(run_dir)
         cfg = rd.load_config()
         ckpt = rd.latest_checkpoint()
         eval_seed = cfg.seed if seed is None else seed
         # With --json, stdout carries the JSON alone; progress goes to stderr.
         progress = make_progress(sys.stderr if as_json else sys.stdout)
-        extra: dict[str, dict] = {}
         with ray_session(address, cfg.resources.num_workers * cfg.resources.cpus_per_worker):
-            policies = {"metaray": ckpt["params"].numpy()}
-            if "random" in names:
-                policies["random"] = bl.random_params(cfg)
-            if "pretrained" in names:
-                policies["pretrained"], path = bl.pretrained_params(cfg, rd, progress)
-                extra["pretrained"] = {"run_dir": str(path)}
-            results = eval_policies(cfg, policies, tasks, steps, eval_seed)
-            ppo_rows = []
-            if "ppo" in names:
-                from metaray.ppo import ppo_baseline
-
-                meta, n = results["metaray"], min(tasks, ppo_tasks or tasks)
-                progress.message(f"ppo baseline: RLlib PPO from scratch on {n} held-out tasks, "
-                                 f"up to {ppo_budget} env steps each")
-                extra["ppo"] = ppo_baseline(cfg, meta.tasks[:n], meta.returns[:n, steps].tolist(),
-                                            meta.env_steps[:n, :steps].sum(1).tolist(), ppo_budget, eval_seed)
-                ppo_rows = [{"policy": "ppo", "task_index": i, "task": None, "adaptation_steps": None,
-                             "return": r["final_return"], "env_steps": r["env_steps_to_target"],
-                             "target_return": r["target_return"]}
-                            for i, r in enumerate(extra["ppo"]["per_task"])]
+            results, summary, ppo_rows = evaluate_with_baselines(
+                cfg, rd, ckpt["params"].numpy(), names, tasks, steps, eval_seed, progress, ppo_budget, ppo_tasks)
         save_eval(rd, results, int(ckpt["iteration"]), eval_seed, ppo_rows)
-        summary = {name: {**results[name].to_json(), **extra.get(name, {})} for name in names if name in results}
-        if "ppo" in extra:
-            summary["ppo"] = {k: v for k, v in extra["ppo"].items() if k != "curves"}
         if as_json:
             out = {"run_dir": str(run_dir), "iteration": int(ckpt["iteration"]), "seed": eval_seed,
                    **results["metaray"].to_json()}

@@ -116,6 +116,9 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     tag = uuid.uuid4().hex[:8]
     workers = start_workers(config, name_prefix=f"metaray-worker-{tag}")
     learner = start_learner(config, flat0, workers)
+    # Let every worker come up (placed, torch imported) before the first iteration is cut
+    # into shares; one that has not after a minute joins later through the pool's pings.
+    ray.wait([w.ping.remote() for w in workers], num_returns=len(workers), timeout=60)
     start_it, rows, per_task = 0, [], []
     if checkpoint is not None:
         ray.get(learner.set_state.remote(checkpoint))

@@ -55,7 +55,9 @@ def test_user_family_trains_and_evaluates_on_embedded_ray(tmp_path: Path):
     assert "iter    3/3" in proc.stdout
     proc = run_cli("eval", str(out), "--tasks", "5", "--steps", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "5 held-out tasks" in proc.stdout and len(proc.stdout.strip().splitlines()) == 4
+    lines = proc.stdout.strip().splitlines()
+    assert "5 held-out tasks" in lines[0] and [line.split()[0] for line in lines[3:5]] == ["0", "1"]
+    assert lines[-1] == f"wrote {out / 'eval.parquet'}"
 
 
 def test_user_family_whose_make_env_fails_names_task_and_family(tmp_path: Path):

@@ -30,7 +30,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     (["inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys here: steps, lr, episodes"),
     (["inner.steps=two"], "inner.steps: Input should be a valid integer"),
     (["inner.lr=-1"], "inner.lr: Input should be greater than 0"),
-    (["algorithm=ppo"], "algorithm: Input should be 'reptile', 'fomaml' or 'maml'"),
+    (["algorithm=ppo"], "algorithm: Input should be 'reptile', 'fomaml', 'maml', 'promp' or 'pretrain'"),
     (["task.family=atari"], "unknown task family 'atari'; allowed: cartpole, navigation2d, bandit"),
     (["task.family=no_such_module:Family"], "cannot import module 'no_such_module'"),
     (["task.family=tests.custom_family:Nope"], "has no attribute 'Nope'"),
