@@ -56,13 +56,16 @@ def _post_adaptation_loss(theta_flat: torch.Tensor, like, inner, outer, lr) -> f
 
 
 def _finite_difference(theta, inner, outer, lr, eps: float = 1e-6) -> torch.Tensor:
-    flat = flatten(theta)
-    grad = torch.zeros_like(flat)
-    for i in range(flat.numel()):
-        e = torch.zeros_like(flat)
+    return _numeric_gradient(lambda x: _post_adaptation_loss(x, theta, inner, outer, lr), flatten(theta), eps)
+
+
+def _numeric_gradient(f, x0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of a scalar function of a flat float64 vector, one coordinate at a time."""
+    grad = torch.zeros_like(x0)
+    for i in range(x0.numel()):
+        e = torch.zeros_like(x0)
         e[i] = eps
-        grad[i] = (_post_adaptation_loss(flat + e, theta, inner, outer, lr)
-                   - _post_adaptation_loss(flat - e, theta, inner, outer, lr)) / (2 * eps)
+        grad[i] = (f(x0 + e) - f(x0 - e)) / (2 * eps)
     return grad
 
 
@@ -206,12 +209,7 @@ def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_
     def loss(x: torch.Tensor) -> float:
         return float(surrogate_loss(policy, unflatten(x, runner.template), episodes, old))
 
-    x0 = torch.from_numpy(flat).double()
-    fd = torch.zeros_like(x0)
-    for i in range(x0.numel()):
-        e = torch.zeros_like(x0)
-        e[i] = 1e-6
-        fd[i] = (loss(x0 + e) - loss(x0 - e)) / 2e-6
+    fd = _numeric_gradient(loss, torch.from_numpy(flat).double())
     assert fd.norm() > 1e-3
     assert _rel_err(torch.from_numpy(result.vector).double(), fd) < 1e-3
 
@@ -258,11 +256,7 @@ def test_promp_meta_gradient_matches_finite_differences(inner_steps):
         return float(-(clipped * valid.mask).sum() / valid.mask.sum() + 0.5 * kl)
 
     x0 = torch.from_numpy(moved).double()
-    fd = torch.zeros_like(x0)
-    for i in range(x0.numel()):
-        e = torch.zeros_like(x0)
-        e[i] = 1e-6
-        fd[i] = (objective(x0 + e) - objective(x0 - e)) / 2e-6
+    fd = _numeric_gradient(objective, x0)
     assert fd.norm() > 1e-3
     assert _rel_err(worker_grad, fd) < 2e-3, "float32 worker gradient vs float64 finite differences"
     # Discriminating: MAML's objective (plain inner PG, unclipped ratio, no KL) has another gradient here.

@@ -12,6 +12,7 @@ code's cheetah). Needs the ``mujoco`` extra (``gymnasium[mujoco]``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -39,8 +40,18 @@ class _GoalReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, {**info, "reward_task": forward}
 
 
+def _mujoco_warning(message: str) -> None:
+    warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=1)
+
+
 def _make(env_id: str, **kwargs: Any) -> gym.Env:
     try:
+        import mujoco
+
+        # MuJoCo's own handler prints every warning and appends it to MUJOCO_LOG.TXT in the
+        # working directory, once per env built; Python's warnings show each message once.
+        if mujoco.get_mju_user_warning() is None:
+            mujoco.set_mju_user_warning(_mujoco_warning)
         return gym.make(env_id, **kwargs)
     except (gym.error.DependencyNotInstalled, ImportError) as err:
         raise RuntimeError(f"{env_id} needs MuJoCo: pip install 'metaray[mujoco]' ({err})") from None
@@ -60,30 +71,34 @@ class HalfCheetahVel:
         return _GoalReward(env, {"velocity": float(task["velocity"])}, keep=("reward_ctrl",))
 
 
-class HalfCheetahDir:
+class _Direction:
+    """Forward (+1) or backward (-1) on one of the v5 locomotion envs."""
+
+    env_id = ""
+    keep: tuple[str, ...] = ()
+
+    def __init__(self, ctrl_cost_weight: float) -> None:
+        self.ctrl_cost_weight = ctrl_cost_weight
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
+
+    def make_env(self, task: Task) -> gym.Env:
+        if task["direction"] not in (-1, 1):
+            raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
+        env = _make(self.env_id, ctrl_cost_weight=self.ctrl_cost_weight)
+        return _GoalReward(env, {"direction": int(task["direction"])}, keep=self.keep)
+
+
+class HalfCheetahDir(_Direction):
+    env_id, keep = "HalfCheetah-v5", ("reward_ctrl",)
+
     def __init__(self, ctrl_cost_weight: float = 0.05) -> None:
-        self.ctrl_cost_weight = ctrl_cost_weight
-
-    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
-        return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
-
-    def make_env(self, task: Task) -> gym.Env:
-        if task["direction"] not in (-1, 1):
-            raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
-        env = _make("HalfCheetah-v5", ctrl_cost_weight=self.ctrl_cost_weight)
-        return _GoalReward(env, {"direction": int(task["direction"])}, keep=("reward_ctrl",))
+        super().__init__(ctrl_cost_weight)
 
 
-class AntDir:
-    def __init__(self, ctrl_cost_weight: float = 0.5) -> None:
-        self.ctrl_cost_weight = ctrl_cost_weight
+class AntDir(_Direction):
+    env_id, keep = "Ant-v5", ("reward_ctrl", "reward_contact", "reward_survive")
 
-    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
-        return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
-
-    def make_env(self, task: Task) -> gym.Env:
-        if task["direction"] not in (-1, 1):
-            raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
-        env = _make("Ant-v5", ctrl_cost_weight=self.ctrl_cost_weight)
-        return _GoalReward(env, {"direction": int(task["direction"])},
-                           keep=("reward_ctrl", "reward_contact", "reward_survive"))
+    def __init__(self, ctrl_cost_weight: float = 0.5) -> None:  # Ant-v5's own default
+        super().__init__(ctrl_cost_weight)
