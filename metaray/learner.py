@@ -43,12 +43,16 @@ class Learner:
             self.optimizer = None
         res = self.config.resources
         self.pool = WorkerPool(workers or [], task_timeout_s=res.task_timeout_s)
+        self._settled = False
 
     # -- one iteration -----------------------------------------------------------------------
 
     def step(self, iteration: int, tasks: list[Task]) -> dict[str, Any]:
         """Run every task of the iteration on the workers, aggregate, take the outer step."""
         res = self.config.resources
+        if not self._settled:  # first step: a worker still starting would get no share of the meta-batch
+            self.pool.settle(timeout=10.0)
+            self._settled = True
         before = self.pool.counters.as_dict()
         params_ref = ray.put(self.params.detach().numpy().copy())  # once per iteration
         start = time.perf_counter()

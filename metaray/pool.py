@@ -73,6 +73,12 @@ class WorkerPool:
     def __post_init__(self) -> None:
         self._pings = {w: actor.ping.remote() for w, actor in enumerate(self.workers)}
 
+    def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every worker not yet ready to answer its ping."""
+        deadline = time.monotonic() + timeout
+        while self._pings and time.monotonic() < deadline:
+            self._poll_pings(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+
     def ready(self) -> list[int]:
         return [w for w in range(len(self.workers)) if w not in self._pings]
 

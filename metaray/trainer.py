@@ -116,9 +116,8 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     tag = uuid.uuid4().hex[:8]
     workers = start_workers(config, name_prefix=f"metaray-worker-{tag}")
     learner = start_learner(config, flat0, workers)
-    # Let every worker come up (placed, torch imported) before the first iteration is cut
-    # into shares; one that has not after a minute joins later through the pool's pings.
-    ray.wait([w.ping.remote() for w in workers], num_returns=len(workers), timeout=60)
+    # The learner lets every worker come up (placed, torch imported; up to 10 s) before cutting
+    # the first meta-batch into shares; a later one joins through the pool's pings.
     start_it, rows, per_task = 0, [], []
     if checkpoint is not None:
         ray.get(learner.set_state.remote(checkpoint))

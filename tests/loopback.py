@@ -166,6 +166,25 @@ class LoopbackCluster:
             time.sleep(0.2)
         return node
 
+    def wait_for_cpus(self, cpus: float, timeout: float = 90) -> None:
+        """Until the cluster's resource view (what the scheduler places by) counts ``cpus`` CPUs.
+
+        A node that has just joined is alive before its resources reach every raylet; an
+        actor placed in that window can land queued on a node that is already full.
+        """
+        import re
+
+        deadline = time.monotonic() + timeout
+        while True:
+            out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
+                                 env={**os.environ, **self.env}, timeout=60).stdout
+            match = re.search(r"/([\d.]+) CPU", out)
+            if match and float(match.group(1)) >= cpus:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not report {cpus} CPUs: {out[-1500:]}")
+            time.sleep(0.5)
+
     def alive_nodes(self) -> int:
         import json
         import urllib.request

@@ -107,8 +107,14 @@ def test_training_through_ray_client_uses_every_node(loopback_cluster, tmp_path)
     server_logs = "".join(p.read_text()[-1500:] for p in loopback_cluster.temp_dir.rglob("ray_client_server*.err"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + server_logs
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
-    assert rows[-1]["workers_per_node"] == "127.0.0.5=1,127.0.0.6=1"
-    assert rows[-1]["tasks_per_node"] == "127.0.0.5=2,127.0.0.6=2"
+    placement = [(r["workers_per_node"], r["tasks_per_node"]) for r in rows]
+    if placement[-1] != ("127.0.0.5=1,127.0.0.6=1", "127.0.0.5=2,127.0.0.6=2"):
+        from ray.util.state import list_actors, list_nodes
+
+        nodes = {n.node_id: n.node_ip for n in list_nodes(address=loopback_cluster.dashboard_url)}
+        actors = [(a.class_name, a.state, nodes.get(a.node_id), a.death_cause)
+                  for a in list_actors(address=loopback_cluster.dashboard_url, detail=True)]
+        pytest.fail(f"placement {placement}\nactors {actors}\n{proc.stdout}")
 
 
 def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
