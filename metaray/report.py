@@ -54,9 +54,9 @@ def learning_curve(run: RunDir, path: Path) -> Path:
     return _save(fig, path)
 
 
-def eval_curves(run: RunDir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """policy -> (mean, standard error) of the held-out return per adaptation step, from eval.parquet."""
-    rows = [r for r in read_rows(run.eval_path) if r["adaptation_steps"] is not None]
+def eval_curves(evals: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """policy -> (mean, standard error) of the held-out return per adaptation step, from eval.parquet's rows."""
+    rows = [r for r in evals if r["adaptation_steps"] is not None]
     curves = {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
@@ -72,7 +72,7 @@ def eval_curves(run: RunDir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def adaptation_curve(run: RunDir, path: Path) -> Path:
     """Held-out return after 0..K adaptation steps, meta-learned policy and baselines."""
-    curves = eval_curves(run)
+    curves = eval_curves(read_rows(run.eval_path))
     if not curves:
         raise ConfigError(f"{run.eval_path} does not exist: run `metaray eval {run.path}` first")
     fig, ax = _figure()
@@ -105,10 +105,10 @@ def compare_rows(paths: list[Path]) -> list[dict[str, Any]]:
     for path in paths:
         run = RunDir(path)
         cfg = run.load_config()
-        curves = eval_curves(run)
+        evals = read_rows(run.eval_path)
+        curves = eval_curves(evals)
         if "metaray" not in curves:
             raise ConfigError(f"{run.eval_path} holds no evaluation: run `metaray eval {path}` first")
-        evals = read_rows(run.eval_path)
         mean, se = curves["metaray"]
         row: dict[str, Any] = {
             "run": str(path), "algorithm": cfg.algorithm, "family": cfg.task.family,

@@ -71,6 +71,7 @@ class EpisodeLoss:
         self.env_seeds = rng.integers(0, 2**31 - 1, size=envs.num_envs).tolist()
         self.torch_seed = int(rng.integers(0, 2**62))
         self.episodes: Episodes | None = None
+        self.sampled_with: Params | None = None  # the (detached) parameters that sampled the episodes
         self.sample_s = 0.0
 
     def sample(self, params: Params) -> Episodes:
@@ -222,8 +223,9 @@ class TaskRunner:
                                [loss.env_seeds for loss in losses], gens)
         r = self.config.rollout
         elapsed = time.perf_counter() - start
-        for loss, episodes in zip(losses, batches):
+        for loss, episodes, sampler in zip(losses, batches, detached):
             loss.episodes = compute_advantages(episodes, r.gamma, r.gae_lambda, r.normalize_advantages)
+            loss.sampled_with = sampler
             loss.sample_s = elapsed / len(losses)
 
     def _update(self, iteration: int, task_index: int, theta: Params, inner: list[EpisodeLoss],
@@ -277,14 +279,13 @@ class TaskRunner:
     def _promp_start(self, iteration: int, task_index: int, theta: Params, inner: list[EpisodeLoss],
                      valid: EpisodeLoss) -> tuple[torch.Tensor, float]:
         """Keep the task's episodes and the policies that sampled them; the gradient at theta."""
-        params, inner_old = theta, []
-        for loss in inner:  # the same steps that chose where each batch was sampled
-            with torch.no_grad():
-                inner_old.append(self.policy.dist(loss.episodes.obs, params))
-            params = {n: v.detach() for n, v in adapt(leaf_params(params), [loss], self.config.inner.lr,
-                                                         False).items()}
-        self._keep(iteration, task_index, params, inner, valid.sample(params)).inner_old = inner_old
-        return self._promp_gradient(self._state(iteration, task_index), theta)
+        if any(loss.episodes is None for loss in [*inner, valid]):  # sampling stopped at non-finite params
+            raise NonFiniteError("non-finite policy parameters")
+        with torch.no_grad():
+            inner_old = [self.policy.dist(loss.episodes.obs, loss.sampled_with) for loss in inner]
+        kept = self._keep(iteration, task_index, valid.sampled_with, inner, valid.episodes)
+        kept.inner_old = inner_old
+        return self._promp_gradient(kept, theta)
 
     def _promp_gradient(self, state: _KeptTask, theta: Params) -> tuple[torch.Tensor, float]:
         p = self.config.outer.promp

@@ -63,11 +63,11 @@ def task_rows(iteration: int, out: dict[str, Any], tasks: list[Task]) -> list[di
     """One row per task of the iteration: what it was, where it ran, what it returned."""
     rows = []
     for t in out["tasks"]:
-        task = json.loads(task_json(tasks[t["task_index"]]))
+        text = task_json(tasks[t["task_index"]])
         worker, _, node = t["worker"].partition("@")
         rows.append({
-            "iteration": iteration, "task_index": t["task_index"], "task": json.dumps(task, sort_keys=True),
-            **{f"task_{k}": v for k, v in task.items()},
+            "iteration": iteration, "task_index": t["task_index"], "task": text,
+            **{f"task_{k}": v for k, v in json.loads(text).items()},
             "worker": worker, "node": node, "pre_return": t["pre_return"], "post_return": t["post_return"],
             "outer_loss": t["outer_loss"], "env_steps": t["env_steps"], "rejected": t["rejected"],
             "sample_s": t["sample_s"], "adapt_s": t["adapt_s"],
@@ -76,10 +76,10 @@ def task_rows(iteration: int, out: dict[str, Any], tasks: list[Task]) -> list[di
 
 
 def save_eval(run: RunDir, results: dict[str, EvalResult], iteration: int, seed: int,
-              extra: list[dict[str, Any]] = ()) -> None:
+              extra: list[dict[str, Any]] | None = None) -> None:
     """Replace eval.parquet with this evaluation: one row per (policy, task, adaptation steps)."""
-    rows = [{"iteration": iteration, "seed": seed, **row} for name, r in results.items() for row in r.rows(name)]
-    write_rows(run.eval_path, rows + [{"iteration": iteration, "seed": seed, **row} for row in extra])
+    rows = [row for name, r in results.items() for row in r.rows(name)] + (extra or [])
+    write_rows(run.eval_path, [{"iteration": iteration, "seed": seed, **row} for row in rows])
 
 
 def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, source: str) -> None:
