@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from metaray.config import Config, load_config
-from metaray.policy import flatten
-from metaray.run_dir import RunDir
-from metaray.task_runner import EpisodeLoss, TaskRunner
+from metaray.core.policy import flatten
+from metaray.core.task_worker import EpisodeLoss, TaskRunner
+from metaray.training.run_dir import RunDir
 
 
 def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
@@ -67,7 +67,7 @@ def rollout_steps_per_s(config: Config, seconds: float = 2.0) -> float:
 
 def training_speed(config: Config, iterations: int, warmup: int) -> dict[str, Any]:
     """Median iteration time and phase breakdown of a real run on the connected Ray."""
-    from metaray.trainer import train
+    from metaray.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run")
@@ -100,7 +100,7 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
 
     import ray
 
-    from metaray.cluster import ray_session
+    from metaray.runtime.cluster import ray_session
 
     short = [f"outer.iterations={iterations}", "eval.tasks=2", "eval.steps=1", "checkpoint.every=1000"]
     if quick:  # a smoke run of the benchmark itself: tiny budgets, figures meaningless

@@ -34,10 +34,10 @@ def _run_guarded(fn: Callable[[], T]) -> T:
     """Turn user-input errors into one line and exit 2; run failures into one line and exit 1."""
     import ray.exceptions
 
-    from metaray.cluster import UnreachableClusterError
-    from metaray.learner import IterationFailedError
-    from metaray.pool import NoLiveWorkerError, WorkerStartError
-    from metaray.task_runner import TaskEnvError
+    from metaray.core.task_worker import TaskEnvError
+    from metaray.runtime.cluster import UnreachableClusterError
+    from metaray.runtime.learner import IterationFailedError
+    from metaray.runtime.pool import NoLiveWorkerError, WorkerStartError
 
     run_failures = (TaskEnvError, IterationFailedError, NoLiveWorkerError, WorkerStartError)
     try:
@@ -70,12 +70,12 @@ def train(
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
     def run() -> None:
-        from metaray.cluster import check_reachable, ray_session, resolve_address
-        from metaray.progress import make_progress
-        from metaray.run_dir import RunDir
-        from metaray.task_runner import TaskRunner
-        from metaray.trainer import check_compatible
-        from metaray.trainer import train as train_loop
+        from metaray.core.task_worker import TaskRunner
+        from metaray.runtime.cluster import check_reachable, ray_session, resolve_address
+        from metaray.training.progress import make_progress
+        from metaray.training.run_dir import RunDir
+        from metaray.training.trainer import check_compatible
+        from metaray.training.trainer import train as train_loop
 
         if resolve_address(address):
             check_reachable(resolve_address(address))  # before anything is written
@@ -132,11 +132,11 @@ def eval_(
     """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
-        from metaray.baselines import evaluate_with_baselines, parse_names
-        from metaray.cluster import ray_session
-        from metaray.progress import make_progress
-        from metaray.run_dir import RunDir
-        from metaray.trainer import save_eval
+        from metaray.evaluation.comparisons import evaluate_with_baselines, parse_names
+        from metaray.runtime.cluster import ray_session
+        from metaray.training.progress import make_progress
+        from metaray.training.run_dir import RunDir
+        from metaray.training.trainer import save_eval
 
         names = parse_names(baselines) if baselines is not None else []
         rd = RunDir(run_dir)
@@ -176,8 +176,8 @@ def eval_(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")]) -> None:
     """Write PNG plots (learning curve; adaptation curve with baselines once evaluated) into RUN_DIR."""
-    from metaray.report import report as make_report
-    from metaray.run_dir import RunDir
+    from metaray.evaluation.report import report as make_report
+    from metaray.training.run_dir import RunDir
 
     for path in _run_guarded(lambda: make_report(RunDir(run_dir))):
         typer.echo(f"wrote {path}")
@@ -198,9 +198,9 @@ def serve_(
     def run() -> None:
         from ray import serve
 
-        from metaray.cluster import ray_session
-        from metaray.run_dir import RunDir
-        from metaray.serve import build_app
+        from metaray.runtime.cluster import ray_session
+        from metaray.service.serve import build_app
+        from metaray.training.run_dir import RunDir
 
         rd = RunDir(run_dir)
         rd.load_config()
@@ -237,7 +237,7 @@ def runs_compare(
     from rich.console import Console
     from rich.table import Table
 
-    from metaray.report import compare_rows
+    from metaray.evaluation.report import compare_rows
 
     rows = _run_guarded(lambda: compare_rows(run_dirs))
     if as_json:
@@ -271,7 +271,7 @@ def submit(
     """Submit `metaray train` as a Ray Job; exit 0 only if it SUCCEEDED (unless --no-wait)."""
 
     def run() -> None:
-        from metaray import jobs
+        from metaray.service import jobs
 
         load_config(config, set_ or [])  # validate here: a typo fails now, not on the cluster
         if config.endswith((".yaml", ".yml")) and working_dir is not None:
@@ -301,7 +301,7 @@ JobAddressOpt = Annotated[str | None, typer.Option(help="Job server, http://HOST
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: JobAddressOpt = None) -> None:
     """Print a job's status; exit 0 for SUCCEEDED, PENDING or RUNNING."""
-    from metaray import jobs
+    from metaray.service import jobs
 
     info = _run_guarded(lambda: jobs.job_client(address).get_job_info(job_id))
     typer.echo(f"{job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
@@ -313,7 +313,7 @@ def jobs_status(job_id: str, address: JobAddressOpt = None) -> None:
 def jobs_logs(job_id: str, address: JobAddressOpt = None,
               follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False) -> None:
     """Print a job's logs."""
-    from metaray import jobs
+    from metaray.service import jobs
 
     client = _run_guarded(lambda: jobs.job_client(address))
     if follow:
@@ -325,7 +325,7 @@ def jobs_logs(job_id: str, address: JobAddressOpt = None,
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: JobAddressOpt = None) -> None:
     """Ask the job server to stop a job."""
-    from metaray import jobs
+    from metaray.service import jobs
 
     stopped = _run_guarded(lambda: jobs.job_client(address).stop_job(job_id))
     typer.echo(f"{job_id} {'stop requested' if stopped else 'was not running'}")
@@ -340,7 +340,7 @@ def bench(
 ) -> None:
     """Measure rollout speed against the physical limit and training speed; write JSON."""
     from metaray.bench import run_bench
-    from metaray.run_dir import atomic_write
+    from metaray.training.run_dir import atomic_write
 
     if warmup >= iterations:
         raise _fail(f"--warmup ({warmup}) must be below --iterations ({iterations})", 2)
@@ -364,7 +364,7 @@ def _bare_baselines(argv: list[str]) -> list[str]:
     The next word is the option's value unless it is another option or an existing path
     (the RUN_DIR argument), so ``--baselines RUN_DIR`` and ``--baselines --json`` both work.
     """
-    from metaray.baselines import DEFAULT
+    from metaray.evaluation.comparisons import DEFAULT
 
     out = []
     for i, arg in enumerate(argv):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from metaray.config import load_config
-from metaray.policy import flatten
-from metaray.seeding import train_episode_seed, train_tasks
-from metaray.task_runner import TaskRunner
+from metaray.core.policy import flatten
+from metaray.core.seeding import train_episode_seed, train_tasks
+from metaray.core.task_worker import TaskRunner
 
 
 @pytest.mark.parametrize("family,algorithm", [("navigation2d", "maml"), ("cartpole", "reptile"), ("bandit", "fomaml")])

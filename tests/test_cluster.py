@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from metaray.config import load_config
-from metaray.run_dir import RunDir
-from metaray.trainer import train
+from metaray.training.run_dir import RunDir
+from metaray.training.trainer import train
 from tests.conftest import ROOT, run_cli
 
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -57,7 +57,7 @@ def test_rayservice_serve_config_deploys_metaray():
 
     from ray.serve.schema import ServeDeploySchema
 
-    from metaray.serve import ServeArgs
+    from metaray.service.serve import ServeArgs
 
     doc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
     config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
@@ -162,7 +162,7 @@ def test_rayjob_manifest_entrypoint_runs_unchanged(loopback_cluster):
     with that manifest's rayStartParams and CPU limits (the fixture)."""
     from ray.job_submission import JobSubmissionClient
 
-    from metaray.jobs import submit
+    from metaray.service.jobs import submit
 
     spec = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]
     client = JobSubmissionClient(loopback_cluster.dashboard_url)

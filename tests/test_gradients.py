@@ -14,10 +14,11 @@ from metaray.algorithms.maml import leaf_params, meta_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.algorithms.trpo import conjugate_gradient, trpo_step
 from metaray.config import validate
-from metaray.learner import Learner
-from metaray.policy import flatten, unflatten
-from metaray.rollout import collect, compute_advantages
-from metaray.task_runner import TaskRunner
+from metaray.core.advantages import compute_advantages
+from metaray.core.policy import flatten, unflatten
+from metaray.core.rollout import collect
+from metaray.core.task_worker import TaskRunner
+from metaray.runtime.learner import Learner
 
 
 def _fixed_problem(family: str, inner_steps: int):

@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from metaray.config import ConfigError, load_config
-from metaray.run_dir import RunDir, read_rows
-from metaray.trainer import train
+from metaray.training.run_dir import RunDir, read_rows
+from metaray.training.trainer import train
 from tests.conftest import ROOT, run_cli
 
 BUSY = ["outer.iterations=5", "outer.meta_batch_size=16", "inner.steps=2", "policy.hidden_sizes=[32]",
@@ -63,7 +63,7 @@ def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
 
 def test_straggler_is_redispatched_after_the_task_timeout(ray_local, tmp_path):
     """One task stalls once for 6s; with a 1s timeout its twin answers on the other worker."""
-    from metaray import seeding
+    from metaray.core import seeding
     from metaray.tasks import make_family
 
     base = ["task.family=tests.custom_family:GoalLine", "outer.iterations=2", "outer.meta_batch_size=4",
@@ -177,7 +177,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
 def test_kill_during_checkpoint_write_leaves_no_valid_looking_file(tmp_path):
     """A writer SIGKILLed mid-write leaves only its hidden temporary file, never a bad checkpoint."""
     script = (
-        "import sys, torch; from metaray.config import load_config; from metaray.run_dir import RunDir\n"
+        "import sys, torch; from metaray.config import load_config; from metaray.training.run_dir import RunDir\n"
         "run = RunDir(sys.argv[1]); cfg = load_config('quickstart')\n"
         "run.save_checkpoint(1, {'params': torch.ones(10), 'optimizer': None}, cfg, keep=5)\n"
         "print('first', flush=True)\n"

@@ -17,7 +17,7 @@ import requests
 import torch
 from safetensors.torch import load
 
-from metaray.run_dir import RunDir
+from metaray.training.run_dir import RunDir
 from tests.conftest import ROOT
 
 HOST = "127.0.0.2"

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from metaray.config import load_config
-from metaray.policy import build_policy, flatten
-from metaray.run_dir import RunDir
-from metaray.task_runner import TaskRunner
-from metaray.trainer import eval_run, train
+from metaray.core.policy import build_policy, flatten
+from metaray.core.task_worker import TaskRunner
+from metaray.training.run_dir import RunDir
+from metaray.training.trainer import eval_run, train
 
 TINY = ["outer.iterations=3", "outer.meta_batch_size=5", "inner.episodes=4", "rollout.horizon=20",
         "policy.hidden_sizes=[16]", "eval.tasks=4", "checkpoint.every=2"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from metaray.policy import Params
+from metaray.core.policy import Params
 
 
 def inner_step(params: Params, loss: torch.Tensor, lr: float, create_graph: bool) -> Params:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.distributions import Distribution, kl_divergence
 
-from metaray.policy import Params, Policy
-from metaray.rollout import Episodes
+from metaray.core.policy import Params, Policy
+from metaray.core.rollout import Episodes
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

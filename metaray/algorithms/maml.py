@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from metaray.algorithms.adapt import adapt
-from metaray.policy import Params, flatten
+from metaray.core.policy import Params, flatten
 
 LossFn = Callable[[Params], torch.Tensor]
 

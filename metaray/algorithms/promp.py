@@ -22,8 +22,8 @@ from torch.distributions import Distribution
 
 from metaray.algorithms.adapt import inner_step
 from metaray.algorithms.losses import log_probs, masked_mean, mean_kl
-from metaray.policy import Params, Policy, flatten
-from metaray.rollout import Episodes
+from metaray.core.policy import Params, Policy, flatten
+from metaray.core.rollout import Episodes
 
 
 def lvc_loss(policy: Policy, params: Params, episodes: Episodes, sampler_log_probs: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from metaray.algorithms.adapt import adapt
 from metaray.algorithms.maml import LossFn, leaf_params
-from metaray.policy import Params, flatten
+from metaray.core.policy import Params, flatten
 
 
 def reptile_delta(params: Params, inner_losses: list[LossFn], lr: float) -> tuple[torch.Tensor, Params]:

@@ -16,9 +16,9 @@ import numpy as np
 import ray
 import torch
 
-from metaray import seeding
 from metaray.config import Config
-from metaray.task_runner import TaskResult, TaskRunner
+from metaray.core import seeding
+from metaray.core.task_worker import TaskResult, TaskRunner
 from metaray.tasks import Task
 
 

@@ -12,18 +12,18 @@ from typing import Any
 import numpy as np
 import ray
 
-from metaray import seeding
 from metaray.config import Config, ConfigError
-from metaray.evaluation import EvalResult, evaluate, evaluate_many, task_json
-from metaray.events import EventLog
-from metaray.learner import start_learner
-from metaray.policy import flatten
-from metaray.pool import WorkerPool
-from metaray.progress import FAULT_KEYS, LineProgress, Progress
-from metaray.run_dir import RunDir, read_rows, write_rows
-from metaray.task_runner import TaskRunner
+from metaray.core import seeding
+from metaray.core.policy import flatten
+from metaray.core.task_worker import TaskRunner
+from metaray.evaluation.evaluate import EvalResult, evaluate, evaluate_many, task_json
+from metaray.runtime.learner import start_learner
+from metaray.runtime.pool import WorkerPool
+from metaray.runtime.worker import start_workers
 from metaray.tasks import Task
-from metaray.worker import start_workers
+from metaray.training.progress import FAULT_KEYS, LineProgress, Progress
+from metaray.training.run_dir import RunDir, read_rows, write_rows
+from metaray.training.tensorboard import EventLog
 
 Log = Callable[[str], None]
 

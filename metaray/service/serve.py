@@ -56,8 +56,8 @@ class AdaptationService:
     def __init__(self, run_dir: str) -> None:
         import torch
 
-        from metaray.run_dir import RunDir
-        from metaray.task_runner import TaskRunner
+        from metaray.core.task_worker import TaskRunner
+        from metaray.training.run_dir import RunDir
 
         run = RunDir(run_dir)
         self.config = run.load_config()
@@ -115,7 +115,7 @@ class AdaptationService:
     def _adapt(self, req: AdaptRequest) -> dict[str, Any]:
         from safetensors.torch import save
 
-        from metaray.task_runner import TaskEnvError
+        from metaray.core.task_worker import TaskEnvError
 
         try:
             with self.lock:
@@ -134,7 +134,7 @@ class AdaptationService:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder: ``import_path: metaray.serve:build_app`` with ``args: {run_dir: ...}``."""
+    """Serve application builder: ``import_path: metaray.service.serve:build_app`` with ``args: {run_dir: ...}``."""
     opts = ServeArgs.model_validate(args)
     return AdaptationService.options(
         num_replicas=opts.replicas, max_ongoing_requests=opts.max_ongoing_requests,

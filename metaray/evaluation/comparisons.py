@@ -5,7 +5,7 @@
   objective (``algorithm: pretrain``), with the run's budget (iterations, tasks, episodes),
   then adapted the same way. It is trained once into RUN_DIR/baselines/pretrained and
   reused (or resumed, if a previous attempt was interrupted).
-- ppo: RLlib's PPO from scratch on each held-out task (see metaray.ppo).
+- ppo: RLlib's PPO from scratch on each held-out task (see metaray.evaluation.ppo).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from metaray.config import Config, ConfigError
-from metaray.evaluation import EvalResult
-from metaray.policy import flatten
-from metaray.progress import Progress
-from metaray.run_dir import RunDir
-from metaray.task_runner import TaskRunner
-from metaray.trainer import eval_policies, train
+from metaray.core.policy import flatten
+from metaray.core.task_worker import TaskRunner
+from metaray.evaluation.evaluate import EvalResult
+from metaray.training.progress import Progress
+from metaray.training.run_dir import RunDir
+from metaray.training.trainer import eval_policies, train
 
 NAMES = ("random", "pretrained", "ppo")
 DEFAULT = ("random", "pretrained")
@@ -90,7 +90,7 @@ def evaluate_with_baselines(
         summary[name] = {**results[name].to_json(), **summary.get(name, {})}
     rows: list[dict[str, Any]] = []
     if "ppo" in names:
-        from metaray.ppo import ppo_baseline
+        from metaray.evaluation.ppo import ppo_baseline
 
         meta, n = results["metaray"], min(tasks, ppo_tasks or tasks)
         progress.message(f"ppo baseline: RLlib PPO from scratch on {n} held-out tasks, up to {ppo_budget} env "

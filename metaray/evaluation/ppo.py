@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from metaray import seeding
 from metaray.config import Config, ConfigError
+from metaray.core import seeding
 from metaray.tasks import Task
 
 

@@ -22,8 +22,9 @@ from metaray.algorithms.maml import leaf_params, meta_gradient
 from metaray.algorithms.promp import promp_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.config import Config
-from metaray.policy import Params, SpaceSpec, build_policy, unflatten
-from metaray.rollout import Episodes, collect_many, compute_advantages, concat_episodes
+from metaray.core.advantages import compute_advantages
+from metaray.core.policy import Params, SpaceSpec, build_policy, unflatten
+from metaray.core.rollout import Episodes, collect_many, concat_episodes
 from metaray.tasks import Task, TaskFamily, make_family
 from metaray.tasks.batched import BatchedEnv, EnvList
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from metaray import seeding
-from metaray.pool import WorkerPool
+from metaray.core import seeding
+from metaray.runtime.pool import WorkerPool
 from metaray.tasks import Task, TaskFamily
 
 

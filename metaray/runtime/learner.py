@@ -18,8 +18,8 @@ import torch
 from metaray.algorithms.reptile import pseudo_gradient
 from metaray.algorithms.trpo import trpo_step
 from metaray.config import Config
-from metaray.pool import LOST, WorkerPool
-from metaray.task_runner import LostTaskStateError, TaskResult
+from metaray.core.task_worker import LostTaskStateError, TaskResult
+from metaray.runtime.pool import LOST, WorkerPool
 from metaray.tasks import Task
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from metaray.config import ConfigError
-from metaray.run_dir import RunDir, read_rows
+from metaray.training.run_dir import RunDir, read_rows
 
 FIGSIZE, DPI = (7.0, 4.5), 100  # 700 x 450 pixels
 POLICY_STYLE = {"metaray": ("metaray (meta-learned)", "tab:blue"), "pretrained": ("pretrained", "tab:orange"),

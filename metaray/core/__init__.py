@@ -1,0 +1,1 @@
+"""The numerical core: policies, rollouts, advantages, seeding, the worker's task logic. No Ray."""

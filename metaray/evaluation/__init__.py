@@ -1,0 +1,1 @@
+"""Held-out evaluation, the comparison policies (random, pretrained, PPO), plots and tables."""

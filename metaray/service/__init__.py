@@ -1,0 +1,1 @@
+"""What runs beside training: the adaptation service and Ray Job submission."""
