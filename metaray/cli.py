@@ -70,7 +70,7 @@ def train(
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
     def run() -> None:
-        from metaray.core.task_worker import TaskRunner
+        from metaray.core.task_worker import TaskWorker
         from metaray.runtime.cluster import check_reachable, ray_session, resolve_address
         from metaray.training.progress import make_progress
         from metaray.training.run_dir import RunDir
@@ -85,7 +85,7 @@ def train(
                                   "give no CONFIG, --output or --overwrite (--set still applies)")
             run = RunDir(resume)
             cfg = load_config(run.config_path, set_ or []) if run.config_path.is_file() else run.load_config()
-            runner = TaskRunner(cfg)
+            runner = TaskWorker(cfg)
             # A damaged or incompatible checkpoint fails here, before anything is written.
             check_compatible(run.latest_checkpoint(), cfg, runner.n_params, str(run.checkpoint_files()[-1]))
             run.write_config(cfg)
@@ -93,7 +93,7 @@ def train(
             if config is None:
                 raise ConfigError("give a CONFIG (preset name or YAML file), or --resume RUN_DIR")
             cfg = load_config(config, set_ or [])
-            runner = TaskRunner(cfg)  # builds the family and one env: bad input fails before anything is written
+            runner = TaskWorker(cfg)  # builds the family and one env: bad input fails before anything is written
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
             run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             run.prepare(cfg, overwrite)

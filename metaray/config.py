@@ -15,8 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Algorithm = Literal["reptile", "fomaml", "maml", "promp", "pretrain"]
-
 
 class ConfigError(ValueError):
     """Bad user input: one message naming the file, the field and what is allowed."""
@@ -95,9 +93,15 @@ class ProMPConfig(_Section):
     """Weight of the KL penalty between sampling-time and current pre-update policies."""
 
 
+class ReptileConfig(_Section):
+    post_batch: bool = False
+    """Also sample a batch at the adapted parameters, only to report the post-adaptation return
+    (its env steps are counted apart, as metric_env_steps)."""
+
+
 class OuterConfig(_Section):
     optimizer: Literal["adam", "sgd", "trpo"] = "adam"
-    """Outer optimizer; trpo only for algorithms maml and pretrain."""
+    """Outer optimizer; trpo only for algorithms that support it (maml, pretrain)."""
     lr: float = Field(1e-3, gt=0)
     """Outer step size (unused by trpo, whose step is set by max_kl)."""
     meta_batch_size: int = Field(20, ge=1)
@@ -106,6 +110,7 @@ class OuterConfig(_Section):
     """Meta-iterations to run."""
     trpo: TRPOConfig = Field(default_factory=TRPOConfig)
     promp: ProMPConfig = Field(default_factory=ProMPConfig)
+    reptile: ReptileConfig = Field(default_factory=ReptileConfig)
 
 
 class RolloutConfig(_Section):
@@ -117,15 +122,22 @@ class RolloutConfig(_Section):
     """GAE lambda (1.0 = Monte-Carlo returns minus the baseline)."""
     normalize_advantages: bool = True
     """Normalise advantages per task, as the MAML reference code does."""
+    task_group_size: int = Field(4, ge=1)
+    """Tasks (consecutive task indices) that share one batched policy forward while sampling.
+    Part of the numerical recipe: fixed by the config, so no result depends on how tasks
+    are spread over workers."""
 
 
 class ResourcesConfig(_Section):
     num_workers: int = Field(2, ge=1)
     """Worker actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
-    """CPUs reserved per worker actor (also its torch thread count, rounded up)."""
+    """CPUs reserved per worker actor (scheduling only: results do not depend on it)."""
+    torch_threads: int = Field(1, ge=1, le=256)
+    """Intra-op threads of each worker's torch. Results are bit-identical for any num_workers at a
+    given value, not across values (a BLAS sums in another order with more threads)."""
     batch_tasks: bool = True
-    """Send each worker its share of the meta-batch in one call and sample those tasks together."""
+    """Send each worker its share of the meta-batch in one call and sample its groups together."""
     placement: Literal["spread", "pack"] = "spread"
     """spread: one worker per node where possible; pack: Ray's default, filling a node first."""
     worker_resources: dict[str, float] = Field(default_factory=dict)
@@ -135,7 +147,7 @@ class ResourcesConfig(_Section):
     min_valid_fraction: float = Field(0.5, gt=0, le=1)
     """Retry the iteration when fewer of its task results than this fraction are finite."""
     max_iteration_retries: int = Field(2, ge=0)
-    """Attempts beyond the first before an iteration with too few finite results fails the run."""
+    """Fresh, seeded task draws for an iteration with too few finite results before the run fails."""
 
 
 class CheckpointConfig(_Section):
@@ -153,8 +165,8 @@ class EvalConfig(_Section):
 
 
 class Config(_Section):
-    algorithm: Algorithm = "maml"
-    """Meta-learning algorithm; pretrain is the no-adaptation baseline (one policy for all tasks)."""
+    algorithm: str = "maml"
+    """maml, fomaml, reptile, promp, pretrain (the no-adaptation baseline) or an import path module:Class."""
     seed: int = Field(0, ge=0)
     """Root of every random stream of the run."""
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -166,13 +178,22 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        from metaray.algorithms.base import resolve_algorithm
+
+        resolve_algorithm(value)  # raises ValueError naming the allowed values
+        return value
+
     @model_validator(mode="after")
-    def _trpo_needs_maml(self) -> Config:
-        if self.outer.optimizer == "trpo" and self.algorithm not in ("maml", "pretrain"):
-            raise ValueError(
-                f"outer.optimizer 'trpo' needs algorithm 'maml' or 'pretrain' (got {self.algorithm!r}); "
-                "use 'adam' or 'sgd'"
-            )
+    def _optimizer_fits_algorithm(self) -> Config:
+        from metaray.algorithms.base import resolve_algorithm
+
+        supported = resolve_algorithm(self.algorithm).outer_optimizers
+        if self.outer.optimizer not in supported:
+            raise ValueError(f"outer.optimizer {self.outer.optimizer!r} does not fit algorithm {self.algorithm!r}; "
+                             f"use {' or '.join(map(repr, supported))}")
         return self
 
 

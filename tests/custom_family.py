@@ -27,11 +27,12 @@ class GoalLineEnv(gym.Env):
 
 class GoalLine:
     """Options for fault tests: ``broken`` makes make_env raise; every ``nan_every``-th task
-    has a NaN target, so its rewards and its whole update are NaN."""
+    has a NaN target, so its rewards and its whole update are NaN; with ``nan_negative`` so
+    has every task drawn with a negative target (a property of the draw, not of the index)."""
 
-    def __init__(self, max_speed: float = 0.1, broken: bool = False, nan_every: int = 0,
+    def __init__(self, max_speed: float = 0.1, broken: bool = False, nan_every: int = 0, nan_negative: bool = False,
                  stall_target: float | None = None, stall_s: float = 0.0, stall_marker: str = "") -> None:
-        self.max_speed, self.broken, self.nan_every = max_speed, broken, nan_every
+        self.max_speed, self.broken, self.nan_every, self.nan_negative = max_speed, broken, nan_every, nan_negative
         # Straggler: the first env made for the task with this target stalls, once.
         self.stall_target, self.stall_s, self.stall_marker = stall_target, stall_s, stall_marker
 
@@ -39,6 +40,8 @@ class GoalLine:
         targets = rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.5, 1.0, size=n)
         if self.nan_every:
             targets[:: self.nan_every] = np.nan
+        if self.nan_negative:
+            targets[targets < 0] = np.nan
         return [{"target": float(t)} for t in targets]
 
     def make_env(self, task: dict) -> gym.Env:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
 from metaray.tasks import BUILTIN_FAMILIES
+from metaray.training.run_dir import RunDir
 from tests.conftest import run_cli
 
 SMOKE = ["-s", "outer.iterations=2", "-s", "outer.meta_batch_size=3", "-s", "inner.episodes=3",
@@ -37,7 +39,10 @@ def test_every_algorithm_on_every_family(ray_address, tmp_path: Path, algorithm,
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert len(result["mean_return"]) == 3 and len(result["std_return"]) == 3
-    assert all(isinstance(x, float) for x in result["mean_return"])
+    assert all(isinstance(x, float) and math.isfinite(x) for x in result["mean_return"] + result["std_return"])
+    metrics = RunDir(out).read_metrics()
+    assert all(math.isfinite(r["pre_return"]) and math.isfinite(r["outer_loss"] if algorithm != "reptile" else 0.0)
+               and r["rejected_results"] == 0 for r in metrics), metrics
 
 
 def _user_config(tmp_path: Path, **options) -> Path:

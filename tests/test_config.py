@@ -30,12 +30,14 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     (["inner.lrr=0.1"], "unknown key 'inner.lrr'; allowed keys here: steps, lr, episodes"),
     (["inner.steps=two"], "inner.steps: Input should be a valid integer"),
     (["inner.lr=-1"], "inner.lr: Input should be greater than 0"),
-    (["algorithm=ppo"], "algorithm: Input should be 'reptile', 'fomaml', 'maml', 'promp' or 'pretrain'"),
+    (["algorithm=ppo"], "algorithm: unknown algorithm 'ppo': use one of maml, fomaml, reptile, promp, pretrain"),
     (["task.family=atari"], "unknown task family 'atari'; allowed: cartpole, navigation2d, bandit"),
     (["task.family=no_such_module:Family"], "cannot import module 'no_such_module'"),
     (["task.family=tests.custom_family:Nope"], "has no attribute 'Nope'"),
     (["task.options.arms=3"], "task.options for family 'navigation2d'"),
-    (["algorithm=reptile", "outer.optimizer=trpo"], "outer.optimizer 'trpo' needs algorithm 'maml'"),
+    (["algorithm=reptile", "outer.optimizer=trpo"], "outer.optimizer 'trpo' does not fit algorithm 'reptile'"),
+    (["algorithm=tests.custom_family:GoalLine"], "is not a subclass of metaray.algorithms.base.Algorithm"),
+    (["algorithm=nowhere.mod:Algo"], "cannot import algorithm 'nowhere.mod:Algo'"),
     (["outer.optimizer=rmsprop"], "outer.optimizer: Input should be 'adam', 'sgd' or 'trpo'"),
 ])
 def test_bad_config_names_the_field(overrides, expected):

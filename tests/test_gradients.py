@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from metaray.algorithms.adapt import adapt
+from metaray.algorithms.adapt import adapt, leaf_params
 from metaray.algorithms.losses import log_probs, mean_kl, pg_loss, surrogate_loss
-from metaray.algorithms.maml import leaf_params, meta_gradient
+from metaray.algorithms.maml import meta_gradient
 from metaray.algorithms.reptile import reptile_delta
 from metaray.algorithms.trpo import conjugate_gradient, trpo_step
 from metaray.config import validate
 from metaray.core.advantages import compute_advantages
 from metaray.core.policy import flatten, unflatten
 from metaray.core.rollout import collect
-from metaray.core.task_worker import TaskRunner
-from metaray.runtime.learner import Learner
+from metaray.core.task_worker import TaskWorker
+from metaray.runtime.learner import Learner, _Outer
 
 
 def _fixed_problem(family: str, inner_steps: int):
@@ -29,7 +29,7 @@ def _fixed_problem(family: str, inner_steps: int):
         "inner": {"steps": inner_steps, "lr": 0.5, "episodes": 6},
         "rollout": {"horizon": 15},
     })
-    runner = TaskRunner(cfg)
+    runner = TaskWorker(cfg)
     task = runner.family.sample_tasks(1, np.random.default_rng(7))[0]
     envs = runner.make_envs(task)
     gen = torch.Generator().manual_seed(11)
@@ -125,7 +125,7 @@ def test_reptile_update_matches_closed_form_on_quadratics():
     learner = Learner(cfg.model_dump(mode="json"), flat_theta.float().numpy())
     learner.params.data = flat_theta.clone()
     learner.optimizer.param_groups[0]["params"] = [learner.params]
-    learner._outer_step(0, torch.stack(deltas).mean(0), [], {}, [], None)
+    learner.algorithm.outer_step(_Outer(learner, 0, 0, [], {}, [], None), torch.stack(deltas).mean(0))
     expected = flat_theta + outer_lr * (torch.stack(expected_phis).mean(0) - flat_theta)
     assert torch.allclose(learner.params.detach(), expected, atol=1e-12)
 
@@ -169,17 +169,17 @@ def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient
     cfg = validate({"algorithm": algorithm, "seed": 1, "task": {"family": family},
                     "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4, "steps": inner_steps},
                     "rollout": {"horizon": 10}, "outer": {"optimizer": "trpo"}})
-    runner = TaskRunner(cfg)
+    runner = TaskWorker(cfg)
     flat = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
-    runner.run_task(flat, task, 0, np.random.SeedSequence(5), iteration=0)
+    runner.run_tasks(flat, [(0, task, np.random.SeedSequence(5))], iteration=0)[0]
     state = runner._kept[(0, 0)]
     v = np.random.default_rng(3).standard_normal(flat.size).astype(np.float32)
-    hv = runner.trpo_hvp(0, 0, flat, v)
+    hv = runner.answer(0, 0, "hvp", flat, v)
 
     def kl_grad(x: np.ndarray) -> torch.Tensor:
         theta = leaf_params(runner.params_from(x))
-        phi = runner._adapted(state, theta, create_graph=True)
+        phi = state.adapted(theta, create_graph=True)
         kl = mean_kl(runner.policy, phi, state.valid, state.old_dist)
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, list(theta.values()))])
 
@@ -195,17 +195,17 @@ def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_
     cfg = validate({"algorithm": "pretrain", "seed": 2, "task": {"family": "navigation2d"},
                     "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 5, "steps": inner_steps},
                     "rollout": {"horizon": 12}, "outer": {"optimizer": "trpo"}})
-    runner = TaskRunner(cfg)
+    runner = TaskWorker(cfg)
     flat = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(4))[0]
-    result = runner.run_task(flat, task, 0, np.random.SeedSequence(9), iteration=0)
+    result = runner.run_tasks(flat, [(0, task, np.random.SeedSequence(9))], iteration=0)[0]
     state = runner._kept[(0, 0)]
     assert state.valid.mask.shape[1] == 5 * (inner_steps + 1), "every batch of the budget is used"
     assert result.env_steps == state.valid.steps
     # Independently, in float64: central differences of the importance-weighted loss on those episodes.
     policy = runner.policy.double()
     episodes = state.valid.to(torch.float64)
-    old = state.old_log_probs.double()
+    old = state.valid.log_probs.double()
 
     def loss(x: torch.Tensor) -> float:
         return float(surrogate_loss(policy, unflatten(x, runner.template), episodes, old))
@@ -223,18 +223,18 @@ def test_promp_meta_gradient_matches_finite_differences(inner_steps):
                     "policy": {"hidden_sizes": [8], "init_log_std": -0.5},
                     "inner": {"episodes": 6, "steps": inner_steps, "lr": 0.5}, "rollout": {"horizon": 15},
                     "outer": {"promp": {"clip": 0.2, "kl_coef": 0.5}}})
-    runner = TaskRunner(cfg)
+    runner = TaskWorker(cfg)
     flat0 = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(2))[0]
-    runner.run_task(flat0, task, 0, np.random.SeedSequence(8), iteration=0)
+    runner.run_tasks(flat0, [(0, task, np.random.SeedSequence(8))], iteration=0)[0]
     state = runner._kept[(0, 0)]
     moved = flat0 + 0.05 * np.random.default_rng(5).standard_normal(flat0.size).astype(np.float32)
-    worker_grad = torch.from_numpy(runner.promp_gradient(0, 0, moved)).double()
+    worker_grad = torch.from_numpy(runner.answer(0, 0, "gradient", moved)).double()
 
     # Independently, in float64: the sampling-time policies rebuilt from theta_0, then central
     # differences of the ProMP objective written out here term by term.
     policy = runner.policy.double()
-    inner = [loss.episodes.to(torch.float64) for loss in state.inner_losses]
+    inner = [batch.to(torch.float64) for batch in state.inner]
     valid = state.valid.to(torch.float64)
     sampler = OrderedDict((k, v.double()) for k, v in runner.template.items())
     olds = []

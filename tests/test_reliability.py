@@ -102,9 +102,37 @@ def test_nan_results_are_rejected_and_never_applied(ray_local, tmp_path):
     cfg = load_config("quickstart", [*overrides, "task.options.nan_every=1", "resources.max_iteration_retries=1"])
     run = RunDir(tmp_path / "all-nan")
     run.prepare(cfg, overwrite=False)
-    with pytest.raises(Exception, match="only 0 of 6 task results were finite after 2 attempts"):
+    with pytest.raises(Exception, match="only 0 of 6 task results were finite in each of 2 task draws"):
         train(cfg, run, log=lambda _: None)
     assert not run.checkpoint_files(), "nothing broken may be saved"
+
+
+def test_iteration_with_too_few_finite_results_is_retried_on_a_fresh_task_draw(ray_local, tmp_path):
+    """Tasks drawn with a negative target give NaN: a draw is retried until all are finite,
+    every draw seeded by (seed, iteration, attempt), so a second run repeats it bit for bit."""
+    from metaray.core import seeding
+    from metaray.tasks import make_family
+
+    overrides = ["task.family=tests.custom_family:GoalLine", "task.options.nan_negative=true", "outer.iterations=3",
+                 "outer.meta_batch_size=2", "inner.episodes=3", "rollout.horizon=10", "eval.tasks=2",
+                 "resources.min_valid_fraction=1.0", "resources.max_iteration_retries=20"]
+    cfg = load_config("quickstart", overrides)
+    outs = []
+    for name in ("a", "b"):
+        run = RunDir(tmp_path / name)
+        run.prepare(cfg, overwrite=False)
+        outs.append(train(cfg, run, log=lambda _: None))
+    rows, tasks = run.read_metrics(), read_rows(run.tasks_path)
+    attempts = [r["iteration_attempts"] for r in rows]
+    assert max(attempts) > 1, f"the seed must exercise a retry: {attempts}"
+    assert all(r["rejected_results"] == 0 for r in rows)
+    family = make_family("tests.custom_family:GoalLine", {"nan_negative": True})
+    for r in rows:  # the recorded tasks are the accepted draw's, all finite
+        expected = seeding.train_tasks(family, 0, r["iteration"], 2, r["iteration_attempts"] - 1)
+        got = [t for t in tasks if t["iteration"] == r["iteration"]]
+        assert [t["task_target"] for t in got] == [e["target"] for e in expected]
+        assert {t["attempt"] for t in got} == {r["iteration_attempts"] - 1}
+    assert np.isfinite(outs[0]["params"]).all() and np.array_equal(outs[0]["params"], outs[1]["params"])
 
 
 def test_driver_killed_then_resumed_is_bit_identical(ray_local, ray_address, tmp_path):

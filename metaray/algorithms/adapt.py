@@ -14,6 +14,11 @@ import torch
 from metaray.core.policy import Params
 
 
+def leaf_params(params: Params) -> Params:
+    """Detached copies that require grad: the start of a differentiable computation."""
+    return OrderedDict((k, v.detach().clone().requires_grad_(True)) for k, v in params.items())
+
+
 def inner_step(params: Params, loss: torch.Tensor, lr: float, create_graph: bool) -> Params:
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
     return OrderedDict((name, p - lr * g) for (name, p), g in zip(params.items(), grads))

@@ -17,10 +17,15 @@ All objectives are means over every valid timestep, like every loss in metaray.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch.distributions import Distribution
 
 from metaray.algorithms.adapt import inner_step
+from metaray.algorithms.base import Algorithm, OuterContext, TaskUpdate
 from metaray.algorithms.losses import log_probs, masked_mean, mean_kl
 from metaray.core.policy import Params, Policy, flatten
 from metaray.core.rollout import Episodes
@@ -64,3 +69,44 @@ def promp_gradient(policy: Policy, theta: Params, inner: list[Episodes], inner_o
     loss = promp_loss(policy, leaves, inner, inner_old, valid, valid_old_log_probs, lr, clip, kl_coef)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return flatten(dict(zip(leaves, grads))).detach(), float(loss.detach())
+
+
+@dataclass
+class ProMPTask:
+    """A task's samples, kept on the worker for the outer steps after the first."""
+
+    inner: list[Episodes]
+    inner_old: list[Distribution]  # the policies that sampled the inner batches, on their observations
+    valid: Episodes
+
+
+class ProMP(Algorithm):
+    """Worker half: the ProMP objective's gradient, at theta and then at the learner's current
+    parameters on the same samples. Learner half: outer.promp.steps optimizer steps."""
+
+    def _gradient(self, kept: ProMPTask, theta: Params) -> tuple[torch.Tensor, float]:
+        p = self.config.outer.promp
+        return promp_gradient(self.policy, theta, kept.inner, kept.inner_old, kept.valid, kept.valid.log_probs,
+                              self.lr, p.clip, p.kl_coef)
+
+    def task_update(self, theta: Params, inner: list[Episodes], valid: Episodes | None) -> TaskUpdate:
+        with torch.no_grad():
+            inner_old = [self.policy.dist(b.obs, b.params) for b in inner]
+        kept = ProMPTask(inner, inner_old, valid)
+        vector, loss = self._gradient(kept, theta)
+        return TaskUpdate(vector, loss, kept)
+
+    def answer(self, kept: ProMPTask, request: str, *args: np.ndarray) -> Any:
+        if request != "gradient":
+            return super().answer(kept, request, *args)
+        return self._gradient(kept, self.params_from(args[0]))[0].numpy()
+
+    def outer_step(self, outer: OuterContext, mean: torch.Tensor) -> dict[str, Any]:
+        outer.apply(mean)
+        for _ in range(self.config.outer.promp.steps - 1):
+            parts = outer.ask("gradient", outer.params.detach().numpy().copy())
+            finite = [p for p in parts if np.isfinite(p).all()]
+            outer.rejected += len(parts) - len(finite)  # rejected and counted like the first step's
+            if finite:
+                outer.apply(torch.as_tensor(np.mean(finite, axis=0)))
+        return {"grad_norm": float(mean.norm())}

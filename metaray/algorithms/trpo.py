@@ -1,15 +1,31 @@
-"""TRPO's outer step: conjugate gradient on Fisher-vector products, then a line search.
+"""TRPO as the outer optimizer of MAML and pretrain, both halves in one place.
 
-The step only sees callbacks, so the products and the candidate losses can be computed
-wherever the episodes live (on the workers) and never travel.
+Learner half: conjugate gradient on Fisher-vector products, then a line search
+(:func:`trpo_outer_step`). It only sees callbacks, so the products and the candidate
+losses are computed where the episodes live, by the worker half (:class:`TRPOTask`), and
+no trajectory travels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch.distributions import Distribution
+
+from metaray.algorithms.adapt import adapt, leaf_params
+from metaray.algorithms.base import Algorithm, OuterContext
+from metaray.algorithms.losses import mean_kl, surrogate_loss
+from metaray.core.policy import Params, Policy, unflatten
+from metaray.core.rollout import Episodes
+
+if TYPE_CHECKING:
+    from metaray.config import TRPOConfig
+
+LossFn = Callable[[Params], torch.Tensor]
 
 
 def conjugate_gradient(
@@ -70,3 +86,119 @@ def trpo_step(
             return TRPOStep(candidate, True, k + 1, loss, kl)
         fraction *= ls_backtrack_ratio
     return TRPOStep(params, False, ls_max_steps, old_loss, 0.0)
+
+
+class _GradientGraph:
+    """A gradient kept with its graph, so Hessian-vector products cost one backward each."""
+
+    def __init__(self, loss_fn: LossFn, at: Params) -> None:
+        self.at = leaf_params(at)
+        grads = torch.autograd.grad(loss_fn(self.at), list(self.at.values()), create_graph=True)
+        self.grad = torch.cat([g.reshape(-1) for g in grads])
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(self.grad @ v, list(self.at.values()), retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv])
+
+
+class TRPOTask:
+    """Worker half: one task's episodes, kept between its gradient and the outer step.
+
+    ``inner`` are the inner losses (none for pretrain), ``valid`` the post-adaptation
+    batch with the log-probabilities recorded when it was sampled, ``phi`` the adapted
+    parameters at the sampling meta-parameters theta_old.
+    """
+
+    def __init__(self, policy: Policy, template: Params, inner: list[LossFn], lr: float, valid: Episodes,
+                 phi: Params) -> None:
+        self.policy, self.template, self.inner, self.lr, self.valid = policy, template, inner, lr, valid
+        with torch.no_grad():
+            self.old_dist: Distribution = policy.dist(valid.obs, phi)
+        self.products: list[_GradientGraph] | None = None  # inner-loss Hessians, then the Fisher at phi
+
+    def answer(self, request: str, flat_params: np.ndarray, *args: np.ndarray) -> Any:
+        if request == "hvp":
+            return self.hvp(flat_params, args[0])
+        if request == "loss_kl":
+            return self.loss_kl(flat_params)
+        raise ValueError(f"TRPO answers hvp and loss_kl, not {request!r}")
+
+    def _params(self, flat: np.ndarray) -> Params:
+        return unflatten(torch.as_tensor(np.asarray(flat), dtype=torch.float32), self.template)
+
+    def hvp(self, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Hessian at theta_old of KL(adapted at theta_old || adapted at theta), times ``vector``.
+
+        At theta_old the KL's gradient with respect to the adapted parameters is zero, so
+        its Hessian is J^T F J: F the Fisher matrix of the adapted policy, J the Jacobian of
+        the adaptation, J = (I - lr H_K) ... (I - lr H_1) with H_k the Hessian of the k-th
+        inner loss (symmetric, so J^T applies the same factors in reverse). That is three
+        plain Hessian-vector products for one inner step instead of a backward pass through
+        a third-order graph; tests check it against finite differences of the KL gradient.
+        """
+        if self.products is None:  # the gradient graphs, built once per task and iteration
+            params, graphs = self._params(flat_params), []
+            for loss in self.inner:
+                graphs.append(_GradientGraph(loss, params))
+                params = adapt(leaf_params(params), [loss], self.lr, create_graph=False)
+            fisher = _GradientGraph(lambda phi: mean_kl(self.policy, phi, self.valid, self.old_dist), params)
+            self.products = [*graphs, fisher]
+        *graphs, fisher = self.products
+        v = torch.as_tensor(vector, dtype=fisher.grad.dtype)
+        for h in graphs:  # J v
+            v = v - self.lr * h.hvp(v)
+        v = fisher.hvp(v)
+        for h in reversed(graphs):  # J^T (F J v)
+            v = v - self.lr * h.hvp(v)
+        return v.detach().numpy()
+
+    def adapted(self, theta: Params, create_graph: bool) -> Params:
+        return adapt(theta, self.inner, self.lr, create_graph)
+
+    def loss_kl(self, flat_params: np.ndarray) -> tuple[float, float]:
+        """Surrogate loss and KL at candidate meta-parameters, on the kept episodes."""
+        phi = self.adapted(leaf_params(self._params(flat_params)), create_graph=False)
+        with torch.no_grad():
+            loss = surrogate_loss(self.policy, phi, self.valid, self.valid.log_probs)
+            kl = mean_kl(self.policy, phi, self.valid, self.old_dist)
+        return float(loss), float(kl)
+
+
+def trpo_outer_step(outer: OuterContext, grad: torch.Tensor, cfg: TRPOConfig) -> dict[str, Any]:
+    """Learner half: the natural-gradient step, products and losses averaged over the tasks."""
+    params = outer.params.detach()
+
+    def hvp(vector: torch.Tensor) -> torch.Tensor:
+        parts = outer.ask("hvp", params.numpy(), vector.numpy())
+        return sum((torch.as_tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
+
+    def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
+        parts = outer.ask("loss_kl", candidate.numpy())
+        return float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts]))
+
+    result = trpo_step(params, grad, float(np.mean(outer.losses)), hvp, loss_and_kl, cfg.max_kl, cfg.cg_iters,
+                       cfg.cg_damping, cfg.ls_max_steps, cfg.ls_backtrack_ratio)
+    with torch.no_grad():
+        outer.params.copy_(result.params)
+    return {"grad_norm": float(grad.norm()), "trpo_accepted": result.accepted,
+            "trpo_ls_steps": result.line_search_steps, "trpo_kl": result.kl}
+
+
+
+class TRPOOuter(Algorithm):
+    """An algorithm whose outer optimizer may be TRPO: it keeps a :class:`TRPOTask` per task."""
+
+    outer_optimizers = ("adam", "sgd", "trpo")
+
+    def keep(self, inner: list[LossFn], valid: Episodes, phi: Params) -> TRPOTask | None:
+        if self.config.outer.optimizer != "trpo":
+            return None
+        return TRPOTask(self.policy, self.template, inner, self.lr, valid, phi)
+
+    def answer(self, kept: TRPOTask, request: str, *args: np.ndarray) -> Any:
+        return kept.answer(request, *args)
+
+    def outer_step(self, outer: OuterContext, mean: torch.Tensor) -> dict[str, Any]:
+        if self.config.outer.optimizer == "trpo":
+            return trpo_outer_step(outer, mean, self.config.outer.trpo)
+        return super().outer_step(outer, mean)

@@ -80,12 +80,16 @@ class Policy(nn.Module):
             self.log_std = nn.Parameter(torch.full((spec.act_dim,), float(init_log_std)))
 
     def forward(self, obs: torch.Tensor) -> Distribution:
-        out = self.body(obs)
+        return self.head(self.body(obs), None if self.spec.discrete else self.log_std)
+
+    def head(self, out: torch.Tensor, log_std: torch.Tensor | None) -> Distribution:
+        """The action distribution from the body's output: shared by the loss path (``dist``)
+        and the sampling path (``sampler``), so the two can only differ in the body's arithmetic."""
         # No argument validation: it costs time on every step, and non-finite parameters
-        # are caught by the task runner instead.
+        # are caught by the task worker instead.
         if self.spec.discrete:
             return Categorical(logits=out, validate_args=False)
-        return Independent(Normal(out, self.log_std.exp(), validate_args=False), 1, validate_args=False)
+        return Independent(Normal(out, log_std.exp(), validate_args=False), 1, validate_args=False)
 
     def dist(self, obs: torch.Tensor, params: Params) -> Distribution:
         return functional_call(self, params, (obs,))
@@ -93,8 +97,11 @@ class Policy(nn.Module):
     def sampler(self, params: list[Params]) -> Callable[[torch.Tensor], torch.Tensor]:
         """obs [tasks, batch, obs_dim] -> logits or means [tasks, batch, out], each task at its own
         parameters: one batched matrix product per layer for every task at once, for the
-        rollout's hot loop (none of functional_call's per-call module swapping). Each task's
-        slice is computed alone, so its result does not depend on the tasks beside it."""
+        rollout's hot loop (none of functional_call's per-call module swapping).
+
+        With more than one torch thread a task's slice may differ in its last bits with the
+        number of tasks in the call (the BLAS picks its blocking by shape), so callers fix
+        the composition of every call from the config (see ``collect_many``'s groups)."""
         names = [i for i, m in enumerate(self.body) if isinstance(m, nn.Linear)]
         layers = [(torch.stack([p[f"body.{i}.weight"] for p in params]).transpose(1, 2),
                    torch.stack([p[f"body.{i}.bias"] for p in params]).unsqueeze(1)) for i in names]

@@ -24,6 +24,8 @@ class Episodes:
     rewards: torch.Tensor  # [T, N]
     mask: torch.Tensor  # [T, N], 1.0 where the step happened
     advantages: torch.Tensor | None = None  # [T, N], filled by compute_advantages
+    log_probs: torch.Tensor | None = None  # [T, N], each action's log-probability when it was sampled
+    params: Params | None = None  # the (detached) parameters that sampled the batch
 
     @property
     def returns(self) -> np.ndarray:
@@ -37,15 +39,16 @@ class Episodes:
     def to(self, dtype: torch.dtype) -> Episodes:
         """A copy with floating-point fields cast (float64 for gradient checks)."""
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        params = None if self.params is None else type(self.params)((k, cast(v)) for k, v in self.params.items())
         return Episodes(cast(self.obs), cast(self.actions), cast(self.rewards), cast(self.mask),
-                        cast(self.advantages))
+                        cast(self.advantages), cast(self.log_probs), params)
 
 
 def concat_episodes(batches: list[Episodes]) -> Episodes:
     """Several batches of one task as one (all are padded to the same horizon)."""
     cat = lambda name: torch.cat([getattr(b, name) for b in batches], dim=1)  # noqa: E731
-    advantages = None if any(b.advantages is None for b in batches) else cat("advantages")
-    return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), advantages)
+    maybe = lambda name: None if any(getattr(b, name) is None for b in batches) else cat(name)  # noqa: E731
+    return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), maybe("advantages"), maybe("log_probs"))
 
 
 def collect(
@@ -60,6 +63,19 @@ def collect(
     return collect_many(policy, [params], [env], horizon, [env_seeds], [generator])[0]
 
 
+def _spans(groups: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal group ids; a group split in two runs is an error."""
+    spans: list[tuple[int, int]] = []
+    for i, g in enumerate(groups):
+        if i and g == groups[i - 1]:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    if len({groups[a] for a, _ in spans}) != len(spans):
+        raise ValueError(f"tasks of one group must be adjacent: {groups}")
+    return spans
+
+
 def collect_many(
     policy: Policy,
     params: list[Params],
@@ -67,17 +83,22 @@ def collect_many(
     horizon: int,
     env_seeds: list[list[int]],
     generators: list[torch.Generator],
+    groups: list[int] | None = None,
 ) -> list[Episodes]:
     """One batch of episodes for each of several tasks, stepped together.
 
-    One policy forward per time step for every episode of every task (each task at its own
-    parameters), one numpy/torch conversion each way per task. Each task's random draws
-    come from its own ``env_seeds`` and ``generator``, so a task's episodes are the same
-    whichever tasks it is collected with and whichever process collects it.
+    Tasks with the same id in ``groups`` (adjacent; default: all in one group) share one
+    batched policy forward per time step; every other step of the loop is per task. A
+    task's episodes are a function of its parameters, its ``env_seeds`` and ``generator``,
+    and its group: not of the other groups sampled beside it or of the process sampling
+    it. Each action's log-probability is recorded, computed from the sampler's own output.
     """
     spec = policy.spec
     tasks, n = len(envs), envs[0].num_envs
+    spans = _spans(groups if groups is not None else [0] * tasks)
+    out_dim = spec.act_dim
     obs_buf = torch.zeros(horizon, tasks, n, spec.obs_dim)
+    out_buf = torch.zeros(horizon, tasks, n, out_dim)
     act_buf = torch.zeros(horizon, tasks, n, dtype=torch.long) if spec.discrete else \
         torch.zeros(horizon, tasks, n, spec.act_dim)
     rew_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
@@ -85,19 +106,22 @@ def collect_many(
     obs = [spec.encode_obs(env.reset(seeds)) for env, seeds in zip(envs, env_seeds)]
     alive = np.ones((tasks, n), dtype=bool)
     steps = np.full(tasks, horizon)
-    forward = policy.sampler(params)
+    forwards = [(a, b, policy.sampler(params[a:b])) for a, b in spans]
     std = None if spec.discrete else [p["log_std"].exp() for p in params]
     with torch.no_grad():
         for t in range(horizon):
-            obs_t = obs_buf[t]
+            obs_t, out_t = obs_buf[t], out_buf[t]
             for i in range(tasks):
                 obs_t[i].copy_(torch.from_numpy(obs[i]))
-            out = forward(obs_t)
-            for i in np.flatnonzero(alive.any(axis=1)):
+            live = alive.any(axis=1)
+            for a, b, forward in forwards:
+                if live[a:b].any():
+                    out_t[a:b] = forward(obs_t[a:b])
+            for i in np.flatnonzero(live):
                 if spec.discrete:
-                    action = torch.multinomial(torch.softmax(out[i], -1), 1, generator=generators[i]).squeeze(-1)
+                    action = torch.multinomial(torch.softmax(out_t[i], -1), 1, generator=generators[i]).squeeze(-1)
                 else:
-                    action = out[i] + std[i] * torch.randn(out[i].shape, generator=generators[i])
+                    action = out_t[i] + std[i] * torch.randn(out_t[i].shape, generator=generators[i])
                 act_buf[t, i] = action
                 act_np = action.numpy()
                 if not spec.discrete:
@@ -111,6 +135,14 @@ def collect_many(
                     steps[i] = t + 1
             if not alive.any():
                 break
-    return [Episodes(obs_buf[: steps[i], i].contiguous(), act_buf[: steps[i], i].contiguous(),
-                     torch.from_numpy(rew_buf[: steps[i], i].copy()),
-                     torch.from_numpy(mask_buf[: steps[i], i].copy())) for i in range(tasks)]
+    batches = []
+    for i in range(tasks):
+        T = steps[i]
+        actions = act_buf[:T, i].contiguous()
+        log_std = None if spec.discrete else params[i]["log_std"]
+        with torch.no_grad():
+            log_probs = policy.head(out_buf[:T, i], log_std).log_prob(actions)
+        batches.append(Episodes(obs_buf[:T, i].contiguous(), actions, torch.from_numpy(rew_buf[:T, i].copy()),
+                                torch.from_numpy(mask_buf[:T, i].copy()), log_probs=log_probs,
+                                params=params[i]))
+    return batches

@@ -14,12 +14,18 @@ from metaray.tasks import Task, TaskFamily
 _TRAIN_TASKS, _TRAIN_EPISODES, _EVAL_TASKS, _EVAL_EPISODES = 0, 1, 2, 3
 
 
-def train_tasks(family: TaskFamily, seed: int, iteration: int, n: int) -> list[Task]:
-    return family.sample_tasks(n, np.random.default_rng([seed, _TRAIN_TASKS, iteration]))
+def _key(*parts: int, attempt: int) -> list[int]:
+    """Attempt 0 keeps the key of runs written before retries drew fresh tasks."""
+    return [*parts, attempt] if attempt else list(parts)
 
 
-def train_episode_seed(seed: int, iteration: int, task_index: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence([seed, _TRAIN_EPISODES, iteration, task_index])
+def train_tasks(family: TaskFamily, seed: int, iteration: int, n: int, attempt: int = 0) -> list[Task]:
+    """The iteration's meta-batch; a retried iteration (``attempt`` > 0) draws a fresh one."""
+    return family.sample_tasks(n, np.random.default_rng(_key(seed, _TRAIN_TASKS, iteration, attempt=attempt)))
+
+
+def train_episode_seed(seed: int, iteration: int, task_index: int, attempt: int = 0) -> np.random.SeedSequence:
+    return np.random.SeedSequence(_key(seed, _TRAIN_EPISODES, iteration, task_index, attempt=attempt))
 
 
 def eval_tasks(family: TaskFamily, seed: int, n: int) -> list[Task]:

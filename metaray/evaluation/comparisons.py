@@ -17,7 +17,7 @@ import numpy as np
 
 from metaray.config import Config, ConfigError
 from metaray.core.policy import flatten
-from metaray.core.task_worker import TaskRunner
+from metaray.core.task_worker import TaskWorker
 from metaray.evaluation.evaluate import EvalResult
 from metaray.training.progress import Progress
 from metaray.training.run_dir import RunDir
@@ -40,7 +40,7 @@ def parse_names(value: str) -> list[str]:
 
 
 def random_params(config: Config) -> np.ndarray:
-    return flatten(TaskRunner(config).template).numpy()
+    return flatten(TaskWorker(config).template).numpy()
 
 
 def pretrain_config(config: Config) -> Config:

@@ -1,9 +1,11 @@
 """The learner actor: holds the meta-parameters and the outer optimizer.
 
 Each iteration it puts the meta-parameters into the object store once, hands the tasks to
-the worker pool, and folds the results into a running sum as they arrive, strictly in
-task-index order: the update never depends on which worker finished first or which worker
-died, and memory stays O(parameters). Results with NaN or inf are rejected, never applied.
+the worker pool in whole groups, and folds the results into a running sum as they arrive,
+strictly in task-index order: the update never depends on which worker finished first or
+which worker died, and memory stays O(parameters). Results with NaN or inf are rejected,
+never applied. The outer step is the algorithm's learner half; its requests go to the
+workers that keep each task's episodes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from metaray.algorithms.reptile import pseudo_gradient
-from metaray.algorithms.trpo import trpo_step
+from metaray.algorithms.base import resolve_algorithm
 from metaray.config import Config
 from metaray.core.task_worker import LostTaskStateError, TaskResult
 from metaray.runtime.pool import LOST, WorkerPool
@@ -27,6 +28,43 @@ class IterationFailedError(RuntimeError):
     pass
 
 
+def task_groups(n: int, size: int) -> list[list[int]]:
+    """Task indices 0..n-1 in their fixed sampling groups of ``size`` consecutive indices."""
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def split_calls(groups: list[list[int]], workers: int, batch_tasks: bool) -> list[list[int]]:
+    """Whole groups per call, spread evenly over ``workers`` (one group per call without batching)."""
+    per_call = -(-len(groups) // max(1, workers)) if batch_tasks else 1
+    return [[i for g in groups[c: c + per_call] for i in g] for c in range(0, len(groups), per_call)]
+
+
+class _Outer:
+    """The OuterContext of one iteration: the learner's parameters and optimizer, and requests
+    to the workers that keep the counted tasks."""
+
+    def __init__(self, learner: Learner, iteration: int, attempt: int, rows: list[dict[str, Any]],
+                 holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> None:
+        self.learner, self.iteration, self.attempt = learner, iteration, attempt
+        self.indices = [r["task_index"] for r in rows]
+        self.losses = [r["outer_loss"] for r in rows]
+        self.holders, self.tasks, self.params_ref = holders, tasks, params_ref
+        self.params = learner.params
+        self.rejected = 0
+
+    def apply(self, gradient: torch.Tensor) -> None:
+        optimizer = self.learner.optimizer
+        if optimizer is None:
+            raise RuntimeError(f"outer.optimizer {self.learner.config.outer.optimizer!r} is not a torch optimizer")
+        optimizer.zero_grad()
+        self.params.grad = gradient.detach().clone().to(self.params.dtype)
+        optimizer.step()
+
+    def ask(self, request: str, *args: np.ndarray) -> list[Any]:
+        refs = [ray.put(np.asarray(a)) for a in args]
+        return self.learner.ask_holders(self, request, *refs)
+
+
 class Learner:
     def __init__(self, config: dict[str, Any], flat_params: np.ndarray,
                  workers: list[ray.actor.ActorHandle] | None = None) -> None:
@@ -34,49 +72,49 @@ class Learner:
         torch.set_num_threads(1)
         self.params = torch.nn.Parameter(torch.tensor(np.asarray(flat_params), dtype=torch.float32))
         outer = self.config.outer
-        self.optimizer: torch.optim.Optimizer | None
-        if outer.optimizer == "adam":
-            self.optimizer = torch.optim.Adam([self.params], lr=outer.lr)
-        elif outer.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD([self.params], lr=outer.lr)
-        else:
-            self.optimizer = None
+        optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        self.optimizer = optimizers[outer.optimizer]([self.params], lr=outer.lr) if outer.optimizer in optimizers \
+            else None
+        self.algorithm = resolve_algorithm(self.config.algorithm)(self.config, None, None)  # its learner half
         res = self.config.resources
         self.pool = WorkerPool(workers or [], task_timeout_s=res.task_timeout_s)
         self._settled = False
 
     # -- one iteration -----------------------------------------------------------------------
 
-    def step(self, iteration: int, tasks: list[Task]) -> dict[str, Any]:
-        """Run every task of the iteration on the workers, aggregate, take the outer step."""
-        res = self.config.resources
+    def step(self, iteration: int, tasks: list[Task], attempt: int = 0) -> dict[str, Any]:
+        """Run every task of the iteration on the workers, aggregate, take the outer step.
+
+        When fewer than ``resources.min_valid_fraction`` of the results are finite, nothing
+        is applied and ``applied`` is False: the trainer retries with a fresh task draw.
+        """
         if not self._settled:  # first step: a worker still starting would get no share of the meta-batch
             self.pool.settle(timeout=10.0)
             self._settled = True
         before = self.pool.counters.as_dict()
         params_ref = ray.put(self.params.detach().numpy().copy())  # once per iteration
         start = time.perf_counter()
-        attempts = 0
-        while True:
-            attempts += 1
-            total, rows, holders = self._gather(iteration, tasks, params_ref)
-            valid = [r for r in rows if not r["rejected"]]
-            if len(valid) >= res.min_valid_fraction * len(tasks):
-                break
-            if attempts > res.max_iteration_retries:
-                raise IterationFailedError(
-                    f"iteration {iteration}: only {len(valid)} of {len(tasks)} task results were finite after "
-                    f"{attempts} attempts (resources.min_valid_fraction={res.min_valid_fraction})")
+        total, rows, holders = self._gather(iteration, tasks, params_ref, attempt)
+        valid = [r for r in rows if not r["rejected"]]
         gather_s = time.perf_counter() - start
-        start = time.perf_counter()
-        mean = total / len(valid)
-        info = self._outer_step(iteration, mean, valid, holders, tasks, params_ref)
+        out: dict[str, Any] = {"tasks": rows, "gather_s": gather_s, "outer_s": 0.0, "grad_norm": None,
+                               "rejected_results": len(rows) - len(valid), "applied": False}
+        if len(valid) >= self.config.resources.min_valid_fraction * len(tasks):
+            start = time.perf_counter()
+            outer = _Outer(self, iteration, attempt, valid, holders, tasks, params_ref)
+            info = self.algorithm.outer_step(outer, total / len(valid))
+            out.update(info, applied=True, outer_s=time.perf_counter() - start,
+                       rejected_results=out["rejected_results"] + outer.rejected)
         faults = {k: v - before[k] for k, v in self.pool.counters.as_dict().items()}
-        return {"tasks": rows, "gather_s": gather_s, "outer_s": time.perf_counter() - start,
-                "iteration_attempts": attempts, "rejected_results": len(rows) - len(valid), **faults, **info}
+        return {**out, **faults}
 
-    def _gather(self, iteration: int, tasks: list[Task],
-                params_ref: ray.ObjectRef) -> tuple[torch.Tensor, list[dict[str, Any]], dict[int, int]]:
+    def _chunks(self, n: int) -> tuple[list[list[int]], list[list[int]]]:
+        """The groups, and the calls: whole groups, split evenly over the workers."""
+        groups = task_groups(n, self.config.rollout.task_group_size)
+        return groups, split_calls(groups, len(self.pool.workers), self.config.resources.batch_tasks)
+
+    def _gather(self, iteration: int, tasks: list[Task], params_ref: ray.ObjectRef,
+                attempt: int) -> tuple[torch.Tensor, list[dict[str, Any]], dict[int, int]]:
         total = torch.zeros_like(self.params)
         rows: list[dict[str, Any]] = []
         pending: dict[int, TaskResult] = {}
@@ -94,98 +132,51 @@ class Learner:
                     total += vector
                 rows.append({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
                              "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
-                             "rejected": not finite, **r.timings})
+                             "metric_env_steps": r.metric_env_steps, "rejected": not finite, **r.timings})
 
-        n, workers = len(tasks), max(1, len(self.pool.workers))
-        size = -(-n // workers) if self.config.resources.batch_tasks else 1
-        chunks = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
-        self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in chunks[c]]),
-                      list(range(len(chunks))),
+        _, calls = self._chunks(len(tasks))
+        self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in calls[c]],
+                                                      attempt),
+                      list(range(len(calls))),
                       lambda _, w, results: [on_result(r.task_index, w, r) for r in results])
         return total, rows, holders
 
-    # -- outer step ----------------------------------------------------------------------------
-
-    def _outer_step(self, iteration: int, mean: torch.Tensor, valid: list[dict[str, Any]],
-                    holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> dict[str, Any]:
-        if self.config.algorithm == "reptile":
-            mean = pseudo_gradient(mean)
-        if self.config.algorithm == "promp":
-            return self._promp_steps(iteration, mean, valid, holders, tasks, params_ref)
-        if self.optimizer is not None:
-            self._apply(mean)
-            return {"grad_norm": float(mean.norm())}
-        trpo = self.config.outer.trpo
-        indices = [r["task_index"] for r in valid]
-        old_loss = float(np.mean([r["outer_loss"] for r in valid]))
-
-        def on_workers(method: str, *args: Any) -> list[Any]:
-            return self._ask_holders(iteration, method, indices, holders, tasks, params_ref, *args)
-
-        def hvp(vector: torch.Tensor) -> torch.Tensor:
-            parts = on_workers("trpo_hvp", params_ref, ray.put(vector.numpy()))
-            return sum((torch.tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
-
-        def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
-            parts = on_workers("trpo_loss_kl", ray.put(candidate.numpy()))
-            return float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts]))
-
-        result = trpo_step(self.params.detach(), mean, old_loss, hvp, loss_and_kl, trpo.max_kl,
-                           trpo.cg_iters, trpo.cg_damping, trpo.ls_max_steps, trpo.ls_backtrack_ratio)
-        with torch.no_grad():
-            self.params.copy_(result.params)
-        return {"grad_norm": float(mean.norm()), "trpo_accepted": result.accepted,
-                "trpo_ls_steps": result.line_search_steps, "trpo_kl": result.kl}
-
-    def _apply(self, gradient: torch.Tensor) -> None:
-        self.optimizer.zero_grad()
-        self.params.grad = gradient.clone()
-        self.optimizer.step()
-
-    def _promp_steps(self, iteration: int, mean: torch.Tensor, valid: list[dict[str, Any]],
-                     holders: dict[int, int], tasks: list[Task], params_ref: ray.ObjectRef) -> dict[str, Any]:
-        """ProMP: outer.promp.steps optimizer steps on this iteration's samples; the workers that
-        keep each task's episodes compute its meta-gradient at the current parameters."""
-        indices = [r["task_index"] for r in valid]
-        self._apply(mean)
-        for _ in range(self.config.outer.promp.steps - 1):
-            current = ray.put(self.params.detach().numpy().copy())
-            parts = self._ask_holders(iteration, "promp_gradient", indices, holders, tasks, params_ref, current)
-            self._apply(torch.tensor(np.mean(parts, axis=0)))
-        return {"grad_norm": float(mean.norm())}
-
-    def _ask_holders(self, iteration: int, method: str, indices: list[int], holders: dict[int, int],
-                     tasks: list[Task], params_ref: ray.ObjectRef, *args: Any) -> list[Any]:
-        """Call ``method`` on the workers that keep each task's episodes; values in task order.
+    def ask_holders(self, outer: _Outer, request: str, *args: Any) -> list[Any]:
+        """``answer(request, *args)`` on the workers that keep each counted task; values in task order.
 
         A task whose worker died (or restarted, losing its episodes) is sampled again on a
-        live worker with the same seed, which rebuilds exactly the same episodes.
+        live worker with its whole group and the same seeds, which rebuilds exactly the
+        same episodes.
         """
         answers: dict[int, Any] = {}
-        todo = list(indices)
+        todo, holders = list(outer.indices), outer.holders
+        groups, _ = self._chunks(len(outer.tasks))
         while todo:
-            groups: dict[int, list[int]] = {}
+            by_worker: dict[int, list[int]] = {}
             for i in todo:
-                groups.setdefault(holders[i], []).append(i)
-            calls = {w: getattr(self.pool.workers[w], method).remote(iteration, idx, *args)
-                     for w, idx in groups.items()}
+                by_worker.setdefault(holders[i], []).append(i)
+            calls = {w: self.pool.workers[w].answer.remote(outer.iteration, idx, request, *args)
+                     for w, idx in by_worker.items()}
             lost: list[int] = []
             for w, ref in calls.items():
                 try:
-                    answers.update(zip(groups[w], ray.get(ref)))
+                    answers.update(zip(by_worker[w], ray.get(ref)))
                 except LOST:
                     self.pool.mark_down(w)
-                    lost += groups[w]
+                    lost += by_worker[w]
                 except ray.exceptions.RayTaskError as err:
                     if not isinstance(err.cause, LostTaskStateError):
                         raise
-                    lost += groups[w]
+                    lost += by_worker[w]
             if lost:
                 self.pool.counters.task_retries += len(lost)
-                self.pool.map(lambda w, i: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i])]), lost,
-                              lambda i, w, _: holders.__setitem__(i, w))
+                again = sorted({i // self.config.rollout.task_group_size for i in lost})
+                self.pool.map(
+                    lambda w, g: w.run_tasks.remote(outer.params_ref, outer.iteration,
+                                                    [(i, outer.tasks[i]) for i in groups[g]], outer.attempt),
+                    again, lambda g, w, _: holders.update(dict.fromkeys(groups[g], w)))
             todo = lost
-        return [answers[i] for i in indices]
+        return [answers[i] for i in outer.indices]
 
     # -- state ---------------------------------------------------------------------------------
 

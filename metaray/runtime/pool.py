@@ -66,6 +66,9 @@ class WorkerPool:
     no_worker_timeout_s: float = 300.0
     depth: int = 2  # calls queued per worker, so a worker never idles waiting for the next
     counters: FaultCounters = field(default_factory=FaultCounters)
+    # Ray's wait and get, injectable so that unit tests can drive the dispatch logic without Ray.
+    wait: Callable[..., tuple[list, list]] = field(default=ray.wait, repr=False, compare=False)
+    get: Callable[[ray.ObjectRef], Any] = field(default=ray.get, repr=False, compare=False)
     _pings: dict[int, ray.ObjectRef | None] = field(default_factory=dict)  # not (yet, again) ready
     _retry_at: dict[int, float] = field(default_factory=dict)  # when to ping a restarting worker again
     _failed: set[int] = field(default_factory=set)  # answered a ping only before a failure
@@ -95,16 +98,16 @@ class WorkerPool:
             if ref is None and now >= self._retry_at.get(w, 0.0):
                 self._pings[w] = self.workers[w].ping.remote()
         outstanding = [r for r in self._pings.values() if r is not None]
-        if not outstanding:
-            if self._pings:
+        if not outstanding:  # nothing to wait on (restarting workers, or none at all): don't spin
+            if timeout > 0:
                 time.sleep(min(timeout, 0.2))
             return
-        ready, _ = ray.wait(outstanding, num_returns=len(outstanding), timeout=timeout)
+        ready, _ = self.wait(outstanding, num_returns=len(outstanding), timeout=timeout)
         for w, ref in list(self._pings.items()):
             if ref is None or ref not in ready:
                 continue
             try:
-                ray.get(ref)
+                self.get(ref)
             except LOST as err:
                 _raise_if_init_failed(err)
                 self._pings[w], self._retry_at[w] = None, time.monotonic() + 0.5  # restarting: ask later
@@ -142,12 +145,12 @@ class WorkerPool:
                 self._poll_pings(timeout=1.0)
                 continue
             idle_since = time.monotonic()
-            ready, _ = ray.wait(list(flights), num_returns=1, timeout=1.0)
+            ready, _ = self.wait(list(flights), num_returns=1, timeout=1.0)
             for ref in ready:
                 flight = flights.pop(ref)
                 load[flight.worker] -= 1
                 try:
-                    value = ray.get(ref)
+                    value = self.get(ref)
                 except LOST as err:
                     _raise_if_init_failed(err)
                     self.mark_down(flight.worker)

@@ -1,13 +1,12 @@
-"""The worker actor: a thin Ray shell around a TaskRunner.
+"""The worker actor: a thin Ray shell around a TaskWorker.
 
-Contract: ``run_tasks`` for training, ``evaluate`` for held-out tasks, and, for TRPO,
-``trpo_hvp`` / ``trpo_loss_kl`` on the episodes it kept for the iteration, so that no
-trajectory ever leaves the worker that sampled it.
+Contract: ``run_tasks`` for training, ``answer`` for the learner half's requests about the
+tasks it kept (TRPO's products, ProMP's gradients), so that no trajectory ever leaves the
+worker that sampled it, ``evaluate`` for held-out tasks, ``ping`` for readiness.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from typing import Any
@@ -18,37 +17,32 @@ import torch
 
 from metaray.config import Config
 from metaray.core import seeding
-from metaray.core.task_worker import TaskResult, TaskRunner
+from metaray.core.task_worker import TaskResult, TaskWorker
 from metaray.tasks import Task
 
 
 class Worker:
     def __init__(self, config: dict[str, Any], index: int) -> None:
         self.config = Config.model_validate(config)
-        # One thread count everywhere: results must not depend on where a task runs.
-        torch.set_num_threads(max(1, math.ceil(self.config.resources.cpus_per_worker)))
-        self.runner = TaskRunner(self.config)
+        # The thread count comes from the config, never from the CPUs a worker got: it is
+        # part of the numerical recipe (see README, Reproducibility).
+        torch.set_num_threads(self.config.resources.torch_threads)
+        self.runner = TaskWorker(self.config)
         self.index = index
         self.node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
 
-    def run_tasks(self, flat_params: np.ndarray, iteration: int, tasks: list[tuple[int, Task]]) -> list[TaskResult]:
-        """Run (task index, task) pairs of an iteration together; one result each, in order."""
-        jobs = [(i, task, seeding.train_episode_seed(self.config.seed, iteration, i)) for i, task in tasks]
+    def run_tasks(self, flat_params: np.ndarray, iteration: int, tasks: list[tuple[int, Task]],
+                  attempt: int = 0) -> list[TaskResult]:
+        """Run (task index, task) pairs of an iteration together; one result each, in task order."""
+        seed = self.config.seed
+        jobs = [(i, task, seeding.train_episode_seed(seed, iteration, i, attempt)) for i, task in tasks]
         results = self.runner.run_tasks(flat_params, jobs, iteration)
         for result in results:
             result.worker = f"worker-{self.index}@{self.node}"
         return results
 
-    def trpo_hvp(self, iteration: int, task_indices: list[int], flat_params: np.ndarray,
-                 vector: np.ndarray) -> list[np.ndarray]:
-        return [self.runner.trpo_hvp(iteration, i, flat_params, vector) for i in task_indices]
-
-    def trpo_loss_kl(self, iteration: int, task_indices: list[int],
-                     flat_params: np.ndarray) -> list[tuple[float, float]]:
-        return [self.runner.trpo_loss_kl(iteration, i, flat_params) for i in task_indices]
-
-    def promp_gradient(self, iteration: int, task_indices: list[int], flat_params: np.ndarray) -> list[np.ndarray]:
-        return [self.runner.promp_gradient(iteration, i, flat_params) for i in task_indices]
+    def answer(self, iteration: int, task_indices: list[int], request: str, *args: np.ndarray) -> list[Any]:
+        return [self.runner.answer(iteration, i, request, *args) for i in task_indices]
 
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
                  seed: int) -> tuple[list[float], list[int]]:

@@ -56,7 +56,7 @@ class AdaptationService:
     def __init__(self, run_dir: str) -> None:
         import torch
 
-        from metaray.core.task_worker import TaskRunner
+        from metaray.core.task_worker import TaskWorker
         from metaray.training.run_dir import RunDir
 
         run = RunDir(run_dir)
@@ -64,7 +64,7 @@ class AdaptationService:
         checkpoint = run.latest_checkpoint()
         self.run_dir, self.iteration = run_dir, int(checkpoint["iteration"])
         self.params = checkpoint["params"].numpy()
-        self.runner = TaskRunner(self.config)
+        self.runner = TaskWorker(self.config)
         example = self.runner.family.sample_tasks(1, np.random.default_rng(0))[0]
         self.task_keys = sorted(example)
         self.task_shapes = {k: np.shape(v) for k, v in example.items()}
