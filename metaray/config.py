@@ -122,10 +122,11 @@ class RolloutConfig(_Section):
     """GAE lambda (1.0 = Monte-Carlo returns minus the baseline)."""
     normalize_advantages: bool = True
     """Normalise advantages per task, as the MAML reference code does."""
-    task_group_size: int = Field(4, ge=1)
+    task_group_size: int = Field(5, ge=1)
     """Tasks (consecutive task indices) that share one batched policy forward while sampling.
     Part of the numerical recipe: fixed by the config, so no result depends on how tasks
-    are spread over workers."""
+    are spread over workers. Workers get whole groups: meta_batch_size / task_group_size a
+    multiple of num_workers balances them."""
 
 
 class ResourcesConfig(_Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,57 @@ ROOT = Path(__file__).resolve().parent.parent
 _TMP = Path(tempfile.mkdtemp(prefix="metaray-tests-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(_TMP))
+
+
+# SIGTERM (a CI timeout) ends the run as Ctrl-C does: through every fixture's teardown, so that the
+# clusters are stopped. A second SIGTERM ends it at once; the loopback clusters' reapers stop their
+# nodes then, as they do when pytest is SIGKILLed.
+_sigterm = {"armed": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}
+
+
+def _terminated(signum, frame):
+    _sigterm["armed"] = False
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _arm() -> None:
+    # ray.init in this process (ray_local, a test) replaces the handler with its own, sys.exit(SIGTERM),
+    # which pytest would count as one failed test before it went on with the next.
+    if _sigterm["armed"] and signal.getsignal(signal.SIGTERM) is not _terminated:
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _sigterm_as_interrupt():
+    _arm()
+    try:
+        return (yield)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM or not _sigterm["armed"]:
+            raise
+        _sigterm["armed"] = False  # Ray's handler took this SIGTERM: end the run all the same
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("signal SIGTERM") from exc
+    finally:
+        _arm()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _sigterm_as_interrupt())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _sigterm_as_interrupt())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    return (yield from _sigterm_as_interrupt())
+
+
+_arm()
 
 
 @pytest.fixture(scope="session")
@@ -90,15 +142,16 @@ def loopback_cluster():
 
     import yaml
 
-    from tests.loopback import LoopbackCluster
+    from tests.loopback import LoopbackCluster, node_env
 
     spec = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
-    # The nodes run in this virtualenv, as pods run in the image: `python` in a job is ours.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # The nodes run in this virtualenv, as pods run in the image: `python` in a job is ours. Should this
+    # process end without the teardown below (SIGKILL), the cluster's reaper stops the nodes.
     cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp")),
-                              env={"RAY_AUTH_MODE": "disabled", "PATH": path,
+                              env={**node_env(),
                                    # A busy 2-core CI machine can take a while to start a Ray Client server.
-                                   "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"})
+                                   "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"},
+                              remove_temp_dir=True)
     start = time.monotonic()
     try:
         cluster.start_head(start_params(spec["headGroupSpec"], cluster.head_ip))

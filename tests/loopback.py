@@ -3,6 +3,10 @@
 Each node is a ``ray start --block`` process in a session of its own; stopping a node
 signals exactly the processes it started (its descendants and its process group), never
 anything else on the machine.
+
+The nodes live no longer than the process that started them: a cluster's first node starts
+a reaper (tests/loopback_reaper.py) that holds a pipe from this process and, once the pipe
+closes (this process exited, however: SIGTERM, SIGKILL, ...), stops whatever the nodes left.
 """
 
 from __future__ import annotations
@@ -13,12 +17,23 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+REAPER = Path(__file__).with_name("loopback_reaper.py")
+# In every node's environment, which Ray hands on to what it starts: how the reaper knows a cluster's processes.
+MARKER_VAR = "METARAY_LOOPBACK_CLUSTER"
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
                       "RAY_health_check_timeout_ms": "500", "RAY_health_check_initial_delay_ms": "0"}
+
+
+def node_env() -> dict[str, str]:
+    """What every node runs with: no auth, and this virtualenv first on PATH (`python` in a job is ours,
+    as it is the image's in a pod)."""
+    return {"RAY_AUTH_MODE": "disabled",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def free_port(ip: str) -> int:
@@ -114,6 +129,10 @@ class LoopbackCluster:
     client_port: int = 0
     nodes: list[Node] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    marker: str = field(default_factory=lambda: f"{MARKER_VAR}={uuid.uuid4().hex}")
+    reaper: subprocess.Popen | None = None
+    reaper_grace_s: float = 3.0
+    remove_temp_dir: bool = False  # by the reaper, once the nodes are gone, however this process ends
 
     @property
     def address(self) -> str:
@@ -134,12 +153,42 @@ class LoopbackCluster:
             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
             "metrics-export-port", "node-manager-port", "object-manager-port"))]
         log = self.temp_dir / f"node-{ip}.log"
-        env = {**os.environ, **self.env, **extra_env}
+        key, value = self.marker.split("=", 1)
+        env = {**os.environ, **self.env, **extra_env, key: value}
+        reaper = self._reaper()
         proc = subprocess.Popen([RAY, "start", "--block", f"--node-ip-address={ip}", *args], cwd=self.temp_dir,
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Should this process die before these lines, the reaper still finds the node by its marker.
+        reaper.stdin.write(f"node {proc.pid}\n".encode())
+        reaper.stdin.flush()
         node = Node(ip, proc, log)
         self.nodes.append(node)
         return node
+
+    def _reaper(self) -> subprocess.Popen:
+        """The cluster's reaper, started with its first node: in a session of its own, so that a signal
+        to this process's group leaves it to do its work; only this process holds its stdin's write end."""
+        if self.reaper is None or self.reaper.poll() is not None:
+            with (self.temp_dir / "reaper.log").open("a") as log:
+                self.reaper = subprocess.Popen(
+                    [sys.executable, str(REAPER), self.marker, str(os.getpid()), str(self.reaper_grace_s),
+                     *([str(self.temp_dir)] if self.remove_temp_dir else [])],
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.reaper
+
+    def release_reaper(self, timeout: float = 60) -> None:
+        """Close the reaper's pipe: it stops what the nodes left behind, if anything, and exits."""
+        if self.reaper is None:
+            return
+        try:
+            self.reaper.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.reaper.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.reaper.kill()
+            self.reaper.wait(timeout=10)
 
     def start_head(self, params: dict[str, str], object_store_bytes: int = 100 * 1024**2) -> Node:
         self.gcs_port = free_port(self.head_ip)
@@ -209,6 +258,9 @@ class LoopbackCluster:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            if node.proc.poll() is None or node.pids():
-                node.stop()
+        try:
+            for node in reversed(self.nodes):
+                if node.proc.poll() is None or node.pids():
+                    node.stop()
+        finally:
+            self.release_reaper()

@@ -23,7 +23,9 @@ from tests.conftest import ROOT, run_cli
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 MANIFESTS = {"raycluster.yaml": "raycluster_v1.json", "rayjob.yaml": "rayjob_v1.json",
              "rayservice.yaml": "rayservice_v1.json"}
-SHORT = ["--set", "outer.iterations=2", "--set", "outer.meta_batch_size=4", "--set", "inner.episodes=4",
+# Groups of 2: the 4 tasks make two groups, one per worker.
+SHORT = ["--set", "outer.iterations=2", "--set", "outer.meta_batch_size=4", "--set", "rollout.task_group_size=2",
+         "--set", "inner.episodes=4",
          "--set", "rollout.horizon=20", "--set", "eval.tasks=2"]
 
 
@@ -181,8 +183,8 @@ def test_rayjob_manifest_entrypoint_runs_unchanged(loopback_cluster):
 def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ray_local, tmp_path):
     """Kill a worker node's raylet by PID mid-run: the run finishes on the others, every task
     counted once, with the meta-parameters of an undisturbed run."""
-    overrides = ["outer.iterations=6", "outer.meta_batch_size=12", "inner.steps=2", "policy.hidden_sizes=[32]",
-                 "eval.tasks=2", "resources.num_workers=3"]
+    overrides = ["outer.iterations=6", "outer.meta_batch_size=12", "rollout.task_group_size=4", "inner.steps=2",
+                 "policy.hidden_sizes=[32]", "eval.tasks=2", "resources.num_workers=3"]
     cfg = load_config("quickstart", overrides)
     reference = RunDir(tmp_path / "reference")
     reference.prepare(cfg, overwrite=False)

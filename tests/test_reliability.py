@@ -67,6 +67,7 @@ def test_straggler_is_redispatched_after_the_task_timeout(ray_local, tmp_path):
     from metaray.tasks import make_family
 
     base = ["task.family=tests.custom_family:GoalLine", "outer.iterations=2", "outer.meta_batch_size=4",
+            "rollout.task_group_size=2",
             "inner.episodes=3", "rollout.horizon=10", "eval.tasks=2"]
     targets = [t["target"] for t in seeding.train_tasks(make_family("tests.custom_family:GoalLine", {}), 0, 0, 4)]
     stall = targets[2]  # task 2 of iteration 0

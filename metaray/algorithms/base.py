@@ -93,7 +93,7 @@ class Algorithm:
         raise ValueError(f"{type(self).__name__} answers no request {request!r}")
 
     def params_from(self, flat: np.ndarray | torch.Tensor) -> Params:
-        return unflatten(torch.as_tensor(np.asarray(flat), dtype=torch.float32), self.template)
+        return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)
 
     # -- learner half --------------------------------------------------------------------------
 

@@ -124,7 +124,7 @@ class TRPOTask:
         raise ValueError(f"TRPO answers hvp and loss_kl, not {request!r}")
 
     def _params(self, flat: np.ndarray) -> Params:
-        return unflatten(torch.as_tensor(np.asarray(flat), dtype=torch.float32), self.template)
+        return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)
 
     def hvp(self, flat_params: np.ndarray, vector: np.ndarray) -> np.ndarray:
         """Hessian at theta_old of KL(adapted at theta_old || adapted at theta), times ``vector``.
@@ -144,7 +144,7 @@ class TRPOTask:
             fisher = _GradientGraph(lambda phi: mean_kl(self.policy, phi, self.valid, self.old_dist), params)
             self.products = [*graphs, fisher]
         *graphs, fisher = self.products
-        v = torch.as_tensor(vector, dtype=fisher.grad.dtype)
+        v = torch.tensor(vector, dtype=fisher.grad.dtype)
         for h in graphs:  # J v
             v = v - self.lr * h.hvp(v)
         v = fisher.hvp(v)
@@ -170,7 +170,7 @@ def trpo_outer_step(outer: OuterContext, grad: torch.Tensor, cfg: TRPOConfig) ->
 
     def hvp(vector: torch.Tensor) -> torch.Tensor:
         parts = outer.ask("hvp", params.numpy(), vector.numpy())
-        return sum((torch.as_tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
+        return sum((torch.tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
 
     def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
         parts = outer.ask("loss_kl", candidate.numpy())

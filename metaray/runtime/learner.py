@@ -34,9 +34,13 @@ def task_groups(n: int, size: int) -> list[list[int]]:
 
 
 def split_calls(groups: list[list[int]], workers: int, batch_tasks: bool) -> list[list[int]]:
-    """Whole groups per call, spread evenly over ``workers`` (one group per call without batching)."""
-    per_call = -(-len(groups) // max(1, workers)) if batch_tasks else 1
-    return [[i for g in groups[c: c + per_call] for i in g] for c in range(0, len(groups), per_call)]
+    """One call per worker, of whole consecutive groups, their counts differing by at most one
+    (one call per group without batching). Which calls exist never changes a result."""
+    if not batch_tasks:
+        return [list(g) for g in groups]
+    calls, n = min(len(groups), max(1, workers)), len(groups)
+    bounds = [c * n // calls for c in range(calls + 1)]
+    return [[i for g in groups[bounds[c]: bounds[c + 1]] for i in g] for c in range(calls)]
 
 
 class _Outer:

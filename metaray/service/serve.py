@@ -68,7 +68,7 @@ class AdaptationService:
         example = self.runner.family.sample_tasks(1, np.random.default_rng(0))[0]
         self.task_keys = sorted(example)
         self.task_shapes = {k: np.shape(v) for k, v in example.items()}
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.config.resources.torch_threads)  # the workers' numerics, as in eval
         # torch.func.functional_call swaps the module's parameters while it runs, so one
         # adaptation at a time per replica; replicas give the parallelism.
         self.lock = threading.Lock()
