@@ -18,14 +18,14 @@ import torch
 
 from metaray.config import Config, load_config
 from metaray.core.policy import flatten
-from metaray.core.task_worker import EpisodeLoss, TaskRunner
+from metaray.core.task_worker import Batch, TaskWorker
 from metaray.training.run_dir import RunDir
 
 
 def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     """Batched dynamics plus one batched policy forward and action draw per step: no
     learning, no buffers, no Ray. Nothing the rollout does could be faster than this."""
-    runner = TaskRunner(config)
+    runner = TaskWorker(config)
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     env = runner.make_envs(task)
     spec = runner.spec
@@ -55,14 +55,39 @@ def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
 
 def rollout_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     """The worker's real sampling path (episodes, buffers, baseline, advantages), no Ray."""
-    runner = TaskRunner(config)
+    runner = TaskWorker(config)
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     env = runner.make_envs(task)
     rng = np.random.default_rng(0)
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        steps += EpisodeLoss(runner, env, rng).sample(runner.template).steps
+        batch = Batch(env, rng)
+        runner.sample([runner.template], [batch])
+        steps += batch.episodes.steps
     return steps / (time.perf_counter() - start)
+
+
+def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> dict[str, Any]:
+    """The cost of fixed sampling groups (see README, Reproducibility): one worker's share of
+    ``tasks`` tasks sampled together, with every task in one policy forward per step (how
+    earlier versions sampled, results depending on the share), in groups of the config's
+    ``rollout.task_group_size``, and one task per forward. No Ray."""
+    runner = TaskWorker(config)
+    jobs = [(task, np.random.default_rng(i)) for i, task in
+            enumerate(runner.family.sample_tasks(tasks, np.random.default_rng(0)))]
+    envs = [runner.make_envs(task) for task, _ in jobs]
+    out: dict[str, Any] = {"tasks": tasks, "parallel_episodes": config.inner.episodes}
+    sizes = {"one_forward_for_all": tasks, "task_group_size": config.rollout.task_group_size, "one_task_per_forward": 1}
+    for name, size in sizes.items():
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            batches = [Batch(env, rng, i // size) for i, (env, (_, rng)) in enumerate(zip(envs, jobs))]
+            runner.sample([runner.template] * tasks, batches)
+            steps += sum(b.episodes.steps for b in batches)
+        out[f"{name}_steps_per_s"] = steps / (time.perf_counter() - start)
+    out["task_group_size"] = config.rollout.task_group_size
+    out["groups_vs_one_forward"] = out["task_group_size_steps_per_s"] / out["one_forward_for_all_steps_per_s"]
+    return out
 
 
 def training_speed(config: Config, iterations: int, warmup: int) -> dict[str, Any]:
@@ -95,6 +120,65 @@ def training_speed(config: Config, iterations: int, warmup: int) -> dict[str, An
     }
 
 
+def table_write_speed(iterations: int = 2000, window: int = 21) -> dict[str, Any]:
+    """Seconds to write one iteration's metrics and task rows near iteration 10 and near the
+    last iteration of a long run: train()'s rows and write path into a temporary run
+    directory, without Ray (the learner's results are synthetic). A ratio near 1 means the
+    cost does not grow with the run's length."""
+    from metaray.core import seeding
+    from metaray.tasks import make_family
+    from metaray.training.progress import FAULT_KEYS
+    from metaray.training.run_dir import read_rows, write_rows
+    from metaray.training.trainer import iteration_row, task_rows
+
+    config = load_config("quickstart", [f"outer.iterations={iterations}"])
+    family = make_family(config.task.family, config.task.options)
+    n, rng = config.outer.meta_batch_size, np.random.default_rng(0)
+    seconds: list[float] = []
+    total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp) / "run")
+        run.prepare(config, overwrite=False)
+        run.truncate_tables(0)
+        for it in range(iterations):
+            tasks = seeding.train_tasks(family, config.seed, it, n)
+            out = {"tasks": [{"task_index": i, "worker": f"metaray-worker-{i % 2}@127.0.0.1",
+                              "pre_return": float(rng.normal()), "post_return": float(rng.normal()),
+                              "outer_loss": float(rng.normal()), "env_steps": 2000, "metric_env_steps": 2000,
+                              "rejected": False, "sample_s": float(rng.random()), "adapt_s": float(rng.random())}
+                             for i in range(n)],
+                   "gather_s": 0.01, "outer_s": 0.1, "grad_norm": float(rng.random()), "trpo_kl": None,
+                   "rejected_results": 0, "iteration_attempts": 1, **dict.fromkeys(FAULT_KEYS, 0)}
+            row = iteration_row(it, out, 1.0, total)
+            total = row["total_env_steps"]
+            per_task = task_rows(it, out, tasks)
+            start = time.perf_counter()
+            run.append_iteration(it, row, per_task)
+            seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        run.compact_tables()
+        compact = time.perf_counter() - start
+        metrics, task_table = run.read_metrics(), read_rows(run.tasks_path)
+        assert [r["iteration"] for r in metrics] == list(range(iterations)) and len(task_table) == n * iterations
+        start = time.perf_counter()  # what the last iteration cost when both tables were rewritten whole
+        write_rows(run.metrics_path, metrics)
+        write_rows(run.tasks_path, task_table)
+        whole = time.perf_counter() - start
+    early = statistics.median(seconds[max(0, 10 - window // 2): 10 + window // 2 + 1])
+    late = statistics.median(seconds[-window:])
+    half = iterations // 2
+    return {
+        "iterations": iterations, "metrics_columns": len(row), "task_rows_per_iteration": n,
+        "task_columns": len(per_task[0]),
+        "median_write_s_at_10": early, f"median_write_s_at_{iterations}": late, "ratio": late / early,
+        # means include the occasional merge of part files: the amortized cost
+        "mean_write_s_first_half": statistics.fmean(seconds[:half]),
+        "mean_write_s_second_half": statistics.fmean(seconds[half:]),
+        "max_write_s": max(seconds), "final_compaction_s": compact,
+        f"whole_rewrite_s_at_{iterations}": whole,
+    }
+
+
 def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict[str, Any]:
     import os
 
@@ -120,6 +204,8 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
         limit, rollout = limit_steps_per_s(cfg), rollout_steps_per_s(cfg)
         out["rollout"][name] = {"parallel_episodes": cfg.inner.episodes, "limit_steps_per_s": limit,
                                 "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit}
+    # One worker's share of the paper settings' meta-batch (20 tasks over 2 workers).
+    out["sampling_groups"] = group_sampling_speed(maml, max(1, maml.outer.meta_batch_size // 2))
     with ray_session(None, 2):
         out["navigation2d_maml_trpo"] = training_speed(maml, iterations, warmup)
         out["cartpole_reptile"] = training_speed(reptile, iterations, warmup)
@@ -127,5 +213,6 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     two = out["navigation2d_maml_trpo"]["train_steps_per_s"]
     out["workers_scaling"] = {"setting": "navigation2d_maml_trpo", "1": one["train_steps_per_s"], "2": two,
                               "speedup": two / one["train_steps_per_s"]}
-    out["parameters"] = int(flatten(TaskRunner(maml).template).numel())
+    out["parameters"] = int(flatten(TaskWorker(maml).template).numel())
+    out["table_writes"] = table_write_speed(iterations=60 if quick else 2000)
     return out

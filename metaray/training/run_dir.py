@@ -1,7 +1,14 @@
 """The run directory: resolved config, checkpoints, Parquet tables. Every write is atomic.
 
-Tables are rewritten whole after each iteration (temporary file, fsync, rename), so a
-run killed at any moment leaves every completed iteration's rows in a readable file.
+The per-iteration tables (metrics.parquet, tasks.parquet) grow by appending: each
+iteration's rows go into a part file of their own, ``<table>.parts/<first>-<last>.parquet``
+(temporary file, fsync, rename), so an iteration costs the same at iteration 10 as at
+iteration 100,000, and a run killed at any moment keeps every completed iteration's rows.
+Runs of FANOUT consecutive parts of one size are merged into one part (at most up to
+MAX_SPAN iterations), so a reader opens few files and each row is rewritten a bounded
+number of times. At the end of a run everything is compacted into the single
+``<table>.parquet`` file that old run directories have; that file is the table's base.
+Readers see base + parts as one table (see ``read_rows``).
 """
 
 from __future__ import annotations
@@ -9,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -130,14 +139,181 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         write_rows(self.metrics_path, rows)
 
+    def append_iteration(self, iteration: int, metrics_row: dict[str, Any], task_rows: list[dict[str, Any]]) -> None:
+        """Add one iteration's rows to tasks.parquet, then to metrics.parquet; constant cost.
+
+        A metrics row therefore always has its task rows (tasks may hold one iteration more).
+        """
+        append_rows(self.tasks_path, iteration, task_rows)
+        append_rows(self.metrics_path, iteration, [metrics_row])
+
+    def truncate_tables(self, iteration: int) -> None:
+        """Drop the rows of iterations >= ``iteration`` (a resume re-runs them; 0 empties the tables)."""
+        truncate_rows(self.metrics_path, iteration)
+        truncate_rows(self.tasks_path, iteration)
+
+    def compact_tables(self) -> None:
+        """Fold the part files into metrics.parquet and tasks.parquet (end of a run)."""
+        compact_rows(self.tasks_path)
+        compact_rows(self.metrics_path)
+
+
+FANOUT = 16  # parts of one size merged at once
+MAX_SPAN = FANOUT**3  # iterations in the largest merged part: each row is rewritten at most 3 times
+_PART = re.compile(r"(\d+)-(\d+)\.parquet")
+
+
+def parts_dir(path: Path) -> Path:
+    """Where a table's appended parts live: metrics.parquet -> metrics.parts/."""
+    return path.with_suffix(".parts")
+
+
+def _parts(path: Path) -> list[tuple[int, int, Path]]:
+    """(first, last iteration, file) of every part, by first iteration, the widest first among equals."""
+    try:
+        names = os.listdir(parts_dir(path))
+    except FileNotFoundError:
+        return []
+    found = [(int(m[1]), int(m[2]), parts_dir(path) / name) for name in names if (m := _PART.fullmatch(name))]
+    return sorted(found, key=lambda p: (p[0], -p[1]))
+
+
+def _live(parts: list[tuple[int, int, Path]]) -> tuple[list[tuple[int, int, Path]], list[Path]]:
+    """Split parts into the live ones and those inside a wider one (a merge killed before it
+    deleted its inputs leaves both; their rows are the same)."""
+    live: list[tuple[int, int, Path]] = []
+    dead: list[Path] = []
+    for part in parts:
+        if live and part[1] <= live[-1][1]:
+            dead.append(part[2])
+        else:
+            live.append(part)
+    return live, dead
+
+
+def _base_through(table: pa.Table | None) -> int | None:
+    """The last iteration the base file holds. The base holds every row up to it, so parts
+    contribute only rows past it (a compaction killed before it removed its parts leaves both)."""
+    if table is None or "iteration" not in table.column_names or table.num_rows == 0:
+        return None
+    return pc.max(table["iteration"]).as_py()
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # pyarrow would take the first row's
+    return pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table; a column missing from some tables is null there, int and float columns unify."""
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _write(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def _snapshot(path: Path) -> tuple[pa.Table | None, int | None, list[tuple[int, int, Path]], list[Path]]:
+    """The base table, the last iteration it holds, the parts with rows past it, and the redundant parts."""
+    for _ in range(20):
+        # Parts are listed before the base is read: a compaction that lands in between
+        # makes them redundant (skipped), one that lands after makes reading them fail (retried).
+        live, dead = _live(_parts(path))
+        try:
+            base = pq.read_table(path) if path.is_file() else None
+        except FileNotFoundError:
+            continue
+        through = _base_through(base)
+        if through is not None:
+            dead += [p for _, last, p in live if last <= through]
+            live = [part for part in live if part[1] > through]
+        return base, through, live, dead
+    raise FileNotFoundError(f"{path} kept changing while being read")
+
+
+def read_table(path: Path) -> pa.Table | None:
+    """A table: its base file plus its appended parts in iteration order; None when there is nothing."""
+    for _ in range(20):
+        base, through, live, _ = _snapshot(path)
+        tables = [base] if base is not None else []
+        try:
+            for first, _, p in live:
+                part = pq.read_table(p)
+                if through is not None and first <= through:  # the base already holds the start
+                    part = part.filter(pc.greater(part["iteration"], through))
+                tables.append(part)
+        except FileNotFoundError:  # merged or compacted by the writer meanwhile: look again
+            continue
+        return _concat(tables) if tables else None
+    raise FileNotFoundError(f"{path} kept changing while being read")
+
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """A Parquet table's rows; none when the file does not exist yet."""
-    return pq.read_table(path).to_pylist() if path.is_file() else []
+    """A Parquet table's rows (base file plus appended parts); none when nothing is written yet."""
+    table = read_table(path)
+    return table.to_pylist() if table is not None else []
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite a Parquet table whole, atomically; a column missing from some rows is null there."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))  # pyarrow would take the first row's
-    table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
-    atomic_write(path, lambda f: pq.write_table(table, f))
+    _write(path, _table(rows))
+    if parts_dir(path).exists():  # the rows replace any appended ones too
+        shutil.rmtree(parts_dir(path))
+
+
+def append_rows(path: Path, iteration: int, rows: list[dict[str, Any]]) -> None:
+    """Add one iteration's rows (all with this ``iteration``) as a part file, atomically.
+
+    The cost does not depend on how many iterations came before: one small file, plus now
+    and then a merge of FANOUT parts of one size (amortized, each row is rewritten at most
+    log_FANOUT(MAX_SPAN) times).
+    """
+    _write(parts_dir(path) / f"{iteration:06d}-{iteration:06d}.parquet", _table(rows))
+    live, _ = _live(_parts(path))
+    while len(live) >= FANOUT:
+        group = live[-FANOUT:]
+        first, last = group[0][0], group[-1][1]
+        span = group[0][1] - first + 1
+        aligned = [(i, i + span - 1) for i in range(first, last + 1, span)]
+        if span >= MAX_SPAN or [(a, b) for a, b, _ in group] != aligned:
+            break  # merge only FANOUT adjacent parts of one size, up to MAX_SPAN iterations
+        merged = parts_dir(path) / f"{first:06d}-{last:06d}.parquet"
+        _write(merged, _concat([pq.read_table(p) for _, _, p in group]))
+        for _, _, p in group:  # a kill here leaves parts inside the merged one: readers skip them
+            p.unlink(missing_ok=True)
+        live = [*live[:-FANOUT], (first, last, merged)]
+
+
+def truncate_rows(path: Path, iteration: int) -> None:
+    """Drop the rows of iterations >= ``iteration`` from the base file and the parts.
+
+    Idempotent: a truncation killed midway leaves stale rows that the next one removes.
+    """
+    base, through, live, dead = _snapshot(path)
+    for p in dead:
+        p.unlink(missing_ok=True)
+    for first, last, p in reversed(live):  # newest first: what remains is always a prefix
+        if first >= iteration:
+            p.unlink(missing_ok=True)
+        elif last >= iteration:
+            table = pq.read_table(p)
+            _write(parts_dir(path) / f"{first:06d}-{iteration - 1:06d}.parquet",
+                   table.filter(pc.less(table["iteration"], iteration)))
+            p.unlink()
+    if through is not None and through >= iteration:
+        kept = base.filter(pc.less(base["iteration"], iteration))
+        if kept.num_rows:
+            _write(path, kept)
+        else:  # no stale columns either: the table starts again from its first new rows
+            path.unlink()
+
+
+def compact_rows(path: Path) -> None:
+    """Rewrite base + parts as the single base file, then remove the parts (content unchanged)."""
+    if not parts_dir(path).exists():
+        return
+    table = read_table(path)
+    if table is not None:
+        _write(path, table)
+    # A kill from here on leaves parts that the new base already holds: readers skip them.
+    shutil.rmtree(parts_dir(path))

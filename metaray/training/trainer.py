@@ -15,14 +15,14 @@ import ray
 from metaray.config import Config, ConfigError
 from metaray.core import seeding
 from metaray.core.policy import flatten
-from metaray.core.task_worker import TaskRunner
+from metaray.core.task_worker import TaskWorker
 from metaray.evaluation.evaluate import EvalResult, evaluate, evaluate_many, task_json
-from metaray.runtime.learner import start_learner
+from metaray.runtime.learner import IterationFailedError, start_learner
 from metaray.runtime.pool import WorkerPool
 from metaray.runtime.worker import start_workers
-from metaray.tasks import Task
+from metaray.tasks import Task, TaskFamily
 from metaray.training.progress import FAULT_KEYS, LineProgress, Progress
-from metaray.training.run_dir import RunDir, read_rows, write_rows
+from metaray.training.run_dir import RunDir, write_rows
 from metaray.training.tensorboard import EventLog
 
 Log = Callable[[str], None]
@@ -39,6 +39,7 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "pre_return": float(np.mean([t["pre_return"] for t in kept])),
         "post_return": float(np.mean([t["post_return"] for t in kept])),
         "env_steps": steps,
+        "metric_env_steps": sum(t.get("metric_env_steps", 0) for t in tasks),
         "total_env_steps": total_steps + steps,
         "env_steps_per_s": steps / wall_s,
         "time_iteration_s": wall_s,
@@ -69,7 +70,8 @@ def task_rows(iteration: int, out: dict[str, Any], tasks: list[Task]) -> list[di
             "iteration": iteration, "task_index": t["task_index"], "task": text,
             **{f"task_{k}": v for k, v in json.loads(text).items()},
             "worker": worker, "node": node, "pre_return": t["pre_return"], "post_return": t["post_return"],
-            "outer_loss": t["outer_loss"], "env_steps": t["env_steps"], "rejected": t["rejected"],
+            "outer_loss": t["outer_loss"], "env_steps": t["env_steps"], "metric_env_steps": t["metric_env_steps"],
+            "attempt": out["iteration_attempts"] - 1, "rejected": t["rejected"],
             "sample_s": t["sample_s"], "adapt_s": t["adapt_s"],
         })
     return rows
@@ -97,7 +99,25 @@ def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, 
             f"{config.outer.optimizer!r}")
 
 
-def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | None = None,
+def run_iteration(learner: ray.actor.ActorHandle, family: TaskFamily, config: Config,
+                  iteration: int) -> tuple[list[Task], dict[str, Any]]:
+    """One iteration; one with too few finite results is retried on a fresh, seeded task draw.
+
+    The draw of attempt k is a function of (seed, iteration, k), so a resumed run repeats
+    the same attempts and stays bit-identical.
+    """
+    res = config.resources
+    for attempt in range(res.max_iteration_retries + 1):
+        tasks = seeding.train_tasks(family, config.seed, iteration, config.outer.meta_batch_size, attempt)
+        out = ray.get(learner.step.remote(iteration, tasks, attempt))
+        if out["applied"]:
+            return tasks, {**out, "iteration_attempts": attempt + 1}
+    raise IterationFailedError(
+        f"iteration {iteration}: only {len(tasks) - out['rejected_results']} of {len(tasks)} task results were "
+        f"finite in each of {attempt + 1} task draws (resources.min_valid_fraction={res.min_valid_fraction})")
+
+
+def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | None = None,
           resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Meta-train on the connected Ray cluster; returns the final params, rows and held-out evaluation.
 
@@ -106,7 +126,7 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     run that was never interrupted. metrics.parquet, tasks.parquet and the TensorBoard
     events are written after every iteration.
     """
-    runner = runner or TaskRunner(config)
+    runner = runner or TaskWorker(config)
     progress = progress or LineProgress(log)
     flat0 = flatten(runner.template).numpy()
     checkpoint = None
@@ -118,13 +138,13 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     learner = start_learner(config, flat0, workers)
     # The learner lets every worker come up (placed, torch imported; up to 10 s) before cutting
     # the first meta-batch into shares; a later one joins through the pool's pings.
-    start_it, rows, per_task = 0, [], []
+    start_it = 0
     if checkpoint is not None:
         ray.get(learner.set_state.remote(checkpoint))
         start_it = int(checkpoint["iteration"])
-        rows = [r for r in run.read_metrics() if r["iteration"] < start_it]
-        per_task = [r for r in read_rows(run.tasks_path) if r["iteration"] < start_it]
         progress.message(f"resuming from iteration {start_it}")
+    run.truncate_tables(start_it)  # rows past the checkpoint are re-run (all of them on a fresh start)
+    rows = run.read_metrics()
     events = EventLog(run.path, purge_step=start_it if checkpoint is not None else None)
     total_steps = rows[-1]["total_env_steps"] if rows else 0
     progress.message(f"meta-training {config.algorithm} on {config.task.family}: {config.outer.iterations} "
@@ -134,18 +154,16 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskRunner | No
     try:
         for it in range(start_it, config.outer.iterations):
             start = time.perf_counter()
-            tasks = seeding.train_tasks(runner.family, config.seed, it, config.outer.meta_batch_size)
-            out = ray.get(learner.step.remote(it, tasks))
+            tasks, out = run_iteration(learner, runner.family, config, it)
             row = iteration_row(it, out, time.perf_counter() - start, total_steps)
             total_steps = row["total_env_steps"]
             rows.append(row)
-            per_task += task_rows(it, out, tasks)
-            run.write_metrics(rows)
-            write_rows(run.tasks_path, per_task)
+            run.append_iteration(it, row, task_rows(it, out, tasks))
             events.iteration(row)
             progress.update(row)
             if it + 1 == config.outer.iterations or (it + 1) % config.checkpoint.every == 0:
                 run.save_checkpoint(it + 1, ray.get(learner.get_state.remote()), config, config.checkpoint.keep)
+        run.compact_tables()
         progress.close()
         final = ray.get(learner.get_state.remote())["params"].numpy()
         result = evaluate(WorkerPool(workers), runner.family, final, config.eval.tasks, config.eval.steps,
@@ -167,7 +185,7 @@ def eval_run(config: Config, flat_params: np.ndarray, tasks: int, steps: int, se
 def eval_policies(config: Config, policies: dict[str, np.ndarray], tasks: int, steps: int,
                   seed: int) -> dict[str, EvalResult]:
     """Evaluate several policies on the same held-out tasks with one pool of workers."""
-    runner = TaskRunner(config)
+    runner = TaskWorker(config)
     workers = start_workers(config)
     try:
         return evaluate_many(WorkerPool(workers), runner.family, policies, tasks, steps, seed)
