@@ -155,6 +155,10 @@ def test_promp_later_steps_reject_non_finite_gradients():
     assert outer.asked == 2 and outer.rejected == 2, "one non-finite answer in each of steps 2 and 3"
     # Step 1 applies the mean (1.0); steps 2 and 3 the mean of the finite answers only (0.5 each).
     assert torch.equal(outer.params.detach(), torch.full((4,), -2.0))
+    # Fewer finite answers than resources.min_valid_fraction (0.5): no further step on this batch.
+    outer = _FakeOuter(torch.zeros(4), [bad, bad, good])
+    promp.outer_step(outer, torch.ones(4))
+    assert outer.asked == 1 and outer.rejected == 2 and torch.equal(outer.params.detach(), torch.full((4,), -1.0))
 
 
 def test_reptile_post_adaptation_batch_is_optional_and_counted_apart():

@@ -126,7 +126,11 @@ def test_iteration_with_too_few_finite_results_is_retried_on_a_fresh_task_draw(r
     rows, tasks = run.read_metrics(), read_rows(run.tasks_path)
     attempts = [r["iteration_attempts"] for r in rows]
     assert max(attempts) > 1, f"the seed must exercise a retry: {attempts}"
-    assert all(r["rejected_results"] == 0 for r in rows)
+    assert not any(t["rejected"] for t in tasks), "only a draw with every result finite is applied"
+    for r in rows:  # what the discarded draws cost is counted in the row
+        assert (r["rejected_results"] > 0) == (r["iteration_attempts"] > 1)
+        applied = 2 * 2 * 3 * 10  # 2 tasks x 2 batches x 3 episodes x 10 steps
+        assert r["env_steps"] >= applied and (r["env_steps"] > applied) == (r["iteration_attempts"] > 1), r
     family = make_family("tests.custom_family:GoalLine", {"nan_negative": True})
     for r in rows:  # the recorded tasks are the accepted draw's, all finite
         expected = seeding.train_tasks(family, 0, r["iteration"], 2, r["iteration_attempts"] - 1)

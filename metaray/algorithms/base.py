@@ -62,7 +62,9 @@ class Algorithm:
     post_batch_for_metrics_only: ClassVar[bool] = False
     """The post-adaptation batch is not training data (its env steps are counted apart)."""
 
-    def __init__(self, config: Config, policy: Policy, template: Params) -> None:
+    def __init__(self, config: Config, policy: Policy | None, template: Params | None) -> None:
+        """On a worker ``policy`` and ``template`` (the parameter names and shapes) are set; the
+        learner builds its instance with both None, since the learner half needs neither."""
         self.config, self.policy, self.template = config, policy, template
         self.lr = config.inner.lr
 
@@ -122,8 +124,8 @@ def resolve_algorithm(name: str) -> type[Algorithm]:
                          "module:Class")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import algorithm {name!r}: {err}") from None
+    except Exception as err:  # a user module may fail to import in any way: one line, exit 2
+        raise ValueError(f"cannot import algorithm {name!r}: {type(err).__name__}: {err}") from None
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         raise ValueError(f"algorithm {name!r} is not a subclass of metaray.algorithms.base.Algorithm")
     return cls

@@ -107,6 +107,7 @@ class ProMP(Algorithm):
             parts = outer.ask("gradient", outer.params.detach().numpy().copy())
             finite = [p for p in parts if np.isfinite(p).all()]
             outer.rejected += len(parts) - len(finite)  # rejected and counted like the first step's
-            if finite:
-                outer.apply(torch.as_tensor(np.mean(finite, axis=0)))
+            if len(finite) < self.config.resources.min_valid_fraction * len(parts):
+                break  # too few tasks left to stand for the meta-batch: stop this batch's steps
+            outer.apply(torch.as_tensor(np.mean(finite, axis=0)))
         return {"grad_norm": float(mean.norm())}

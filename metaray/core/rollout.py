@@ -97,7 +97,10 @@ def collect_many(
     tasks, n = len(envs), envs[0].num_envs
     spans = _spans(groups if groups is not None else [0] * tasks)
     out_dim = spec.act_dim
-    obs_buf = torch.zeros(horizon, tasks, n, spec.obs_dim)
+    # One observation buffer per group, so the memory a group's forward reads (its offset,
+    # hence its alignment) is a function of the group alone, never of its place in the call.
+    obs_bufs = [torch.zeros(horizon, b - a, n, spec.obs_dim) for a, b in spans]
+    where = [(g, i - a) for g, (a, b) in enumerate(spans) for i in range(a, b)]
     out_buf = torch.zeros(horizon, tasks, n, out_dim)
     act_buf = torch.zeros(horizon, tasks, n, dtype=torch.long) if spec.discrete else \
         torch.zeros(horizon, tasks, n, spec.act_dim)
@@ -110,13 +113,13 @@ def collect_many(
     std = None if spec.discrete else [p["log_std"].exp() for p in params]
     with torch.no_grad():
         for t in range(horizon):
-            obs_t, out_t = obs_buf[t], out_buf[t]
-            for i in range(tasks):
-                obs_t[i].copy_(torch.from_numpy(obs[i]))
+            out_t = out_buf[t]
+            for i, (g, j) in enumerate(where):
+                obs_bufs[g][t, j].copy_(torch.from_numpy(obs[i]))
             live = alive.any(axis=1)
-            for a, b, forward in forwards:
+            for g, (a, b, forward) in enumerate(forwards):
                 if live[a:b].any():
-                    out_t[a:b] = forward(obs_t[a:b])
+                    out_t[a:b] = forward(obs_bufs[g][t])
             for i in np.flatnonzero(live):
                 if spec.discrete:
                     action = torch.multinomial(torch.softmax(out_t[i], -1), 1, generator=generators[i]).squeeze(-1)
@@ -142,7 +145,8 @@ def collect_many(
         log_std = None if spec.discrete else params[i]["log_std"]
         with torch.no_grad():
             log_probs = policy.head(out_buf[:T, i], log_std).log_prob(actions)
-        batches.append(Episodes(obs_buf[:T, i].contiguous(), actions, torch.from_numpy(rew_buf[:T, i].copy()),
+        g, j = where[i]
+        batches.append(Episodes(obs_bufs[g][:T, j].contiguous(), actions, torch.from_numpy(rew_buf[:T, i].copy()),
                                 torch.from_numpy(mask_buf[:T, i].copy()), log_probs=log_probs,
                                 params=params[i]))
     return batches

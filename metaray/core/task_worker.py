@@ -190,6 +190,7 @@ class TaskWorker:
         """The algorithm's update, or NaN (counted and rejected by the learner, never applied)."""
         for key in [k for k in self._kept if k[0] != iteration]:
             del self._kept[key]
+        self._kept.pop((iteration, task_index), None)  # a retried iteration's earlier draw never answers
         if any(b.episodes is None for b in inner) or (post is not None and post.episodes is None):
             return torch.full((self.n_params,), float("nan")), float("nan")  # sampling hit non-finite params
         update = self.algorithm.task_update(theta, [b.episodes for b in inner],

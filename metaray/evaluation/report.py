@@ -45,7 +45,9 @@ def learning_curve(run: RunDir, path: Path) -> Path:
     its = [r["iteration"] + 1 for r in rows]
     fig, ax = _figure()
     ax.plot(its, [r["pre_return"] for r in rows], label="before adaptation", color="tab:gray")
-    ax.plot(its, [r["post_return"] for r in rows], label="after adaptation", color="tab:blue")
+    post = [r["post_return"] for r in rows]
+    if any(v is not None and np.isfinite(v) for v in post):  # Reptile measures it only on request
+        ax.plot(its, post, label="after adaptation", color="tab:blue")
     cfg = run.load_config()
     ax.set(xlabel="meta-iteration", ylabel="mean return (training tasks)",
            title=f"{cfg.algorithm} on {cfg.task.family}: learning curve")

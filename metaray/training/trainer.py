@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -31,14 +32,14 @@ Log = Callable[[str], None]
 def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_steps: int) -> dict[str, Any]:
     tasks = out["tasks"]
     kept = [t for t in tasks if not t["rejected"]] or tasks
-    steps = sum(t["env_steps"] for t in tasks)
+    steps = sum(t["env_steps"] for t in tasks) + out.get("discarded_env_steps", 0)
     nodes = Counter(t["worker"].split("@")[-1] for t in tasks)
     workers = Counter(w.split("@")[-1] for w in {t["worker"] for t in tasks})
     return {
         "iteration": iteration,
         "pre_return": float(np.mean([t["pre_return"] for t in kept])),
         "post_return": float(np.mean([t["post_return"] for t in kept])),
-        "env_steps": steps,
+        "env_steps": steps,  # including the draws of failed attempts: what the iteration cost
         "metric_env_steps": sum(t.get("metric_env_steps", 0) for t in tasks),
         "total_env_steps": total_steps + steps,
         "env_steps_per_s": steps / wall_s,
@@ -107,11 +108,17 @@ def run_iteration(learner: ray.actor.ActorHandle, family: TaskFamily, config: Co
     the same attempts and stays bit-identical.
     """
     res = config.resources
+    spent = {"discarded_env_steps": 0, "rejected_results": 0, **dict.fromkeys(FAULT_KEYS, 0)}
     for attempt in range(res.max_iteration_retries + 1):
         tasks = seeding.train_tasks(family, config.seed, iteration, config.outer.meta_batch_size, attempt)
         out = ray.get(learner.step.remote(iteration, tasks, attempt))
-        if out["applied"]:
-            return tasks, {**out, "iteration_attempts": attempt + 1}
+        if out["applied"]:  # the metrics row counts what the discarded draws cost too
+            counted = {k: out[k] + spent[k] for k in spent if k in out}
+            return tasks, {**out, **counted, "discarded_env_steps": spent["discarded_env_steps"],
+                           "iteration_attempts": attempt + 1}
+        for key in spent:
+            spent[key] += out.get(key, 0)
+        spent["discarded_env_steps"] += sum(t["env_steps"] + t["metric_env_steps"] for t in out["tasks"])
     raise IterationFailedError(
         f"iteration {iteration}: only {len(tasks) - out['rejected_results']} of {len(tasks)} task results were "
         f"finite in each of {attempt + 1} task draws (resources.min_valid_fraction={res.min_valid_fraction})")
@@ -123,8 +130,9 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | No
 
     With ``resume`` the run continues from the run directory's newest checkpoint; since all
     randomness is a function of (seed, iteration, task), the result is bit-identical to a
-    run that was never interrupted. metrics.parquet, tasks.parquet and the TensorBoard
-    events are written after every iteration.
+    run that was never interrupted. The metrics and task rows (appended as part files) and the
+    TensorBoard events are written after every iteration, and compacted into metrics.parquet
+    and tasks.parquet when the run ends, also when it fails.
     """
     runner = runner or TaskWorker(config)
     progress = progress or LineProgress(log)
@@ -151,6 +159,7 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | No
                      f"iterations, {config.outer.meta_batch_size} tasks each, {len(workers)} workers, "
                      f"{flat0.size} parameters")
     progress.start(config.outer.iterations, start_it)
+    trained = False
     try:
         for it in range(start_it, config.outer.iterations):
             start = time.perf_counter()
@@ -163,6 +172,7 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | No
             progress.update(row)
             if it + 1 == config.outer.iterations or (it + 1) % config.checkpoint.every == 0:
                 run.save_checkpoint(it + 1, ray.get(learner.get_state.remote()), config, config.checkpoint.keep)
+        trained = True
         run.compact_tables()
         progress.close()
         final = ray.get(learner.get_state.remote())["params"].numpy()
@@ -171,6 +181,9 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | No
         save_eval(run, {"metaray": result}, config.outer.iterations, config.seed)
         events.evaluation(config.outer.iterations, result.mean_return)
     finally:
+        if not trained:  # a failed run's rows end in the single files too, for readers outside metaray;
+            with contextlib.suppress(Exception):  # its parts stay valid, and this must not hide the error
+                run.compact_tables()
         progress.close()
         events.close()
         for actor in [*workers, learner]:
