@@ -36,7 +36,7 @@ class EntropyFOMAML(Algorithm):
         phi = leaf_params(self.adapt(leaf_params(theta), inner))
         loss = surrogate_loss(self.policy, phi, valid, valid.log_probs)
         grads = torch.autograd.grad(loss, list(phi.values()))
-        return TaskUpdate(torch.cat([g.reshape(-1) for g in grads]), float(loss))
+        return TaskUpdate(torch.cat([g.reshape(-1) for g in grads]), float(loss.detach()))
 
 
 NAME = "tests.test_algorithm_api:EntropyFOMAML"

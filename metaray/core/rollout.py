@@ -96,12 +96,11 @@ def collect_many(
     spec = policy.spec
     tasks, n = len(envs), envs[0].num_envs
     spans = _spans(groups if groups is not None else [0] * tasks)
-    out_dim = spec.act_dim
     # One observation buffer per group, so the memory a group's forward reads (its offset,
     # hence its alignment) is a function of the group alone, never of its place in the call.
     obs_bufs = [torch.zeros(horizon, b - a, n, spec.obs_dim) for a, b in spans]
     where = [(g, i - a) for g, (a, b) in enumerate(spans) for i in range(a, b)]
-    out_buf = torch.zeros(horizon, tasks, n, out_dim)
+    outs: list[list[torch.Tensor]] = [[] for _ in spans]  # each group's outputs, one per step it was live
     act_buf = torch.zeros(horizon, tasks, n, dtype=torch.long) if spec.discrete else \
         torch.zeros(horizon, tasks, n, spec.act_dim)
     rew_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
@@ -113,22 +112,26 @@ def collect_many(
     std = None if spec.discrete else [p["log_std"].exp() for p in params]
     with torch.no_grad():
         for t in range(horizon):
-            out_t = out_buf[t]
+            obs_t = [buf[t] for buf in obs_bufs]
             for i, (g, j) in enumerate(where):
-                obs_bufs[g][t, j].copy_(torch.from_numpy(obs[i]))
+                obs_t[g][j].copy_(torch.from_numpy(obs[i]))
             live = alive.any(axis=1)
+            out_t = []
             for g, (a, b, forward) in enumerate(forwards):
-                if live[a:b].any():
-                    out_t[a:b] = forward(obs_bufs[g][t])
+                if live[a:b].any():  # a group whose episodes all ended is never live again
+                    outs[g].append(forward(obs_t[g]))
+                out_t.append(outs[g][-1] if outs[g] else None)
             for i in np.flatnonzero(live):
+                g, j = where[i]
+                out = out_t[g][j]
                 if spec.discrete:
-                    action = torch.multinomial(torch.softmax(out_t[i], -1), 1, generator=generators[i]).squeeze(-1)
+                    action = torch.multinomial(torch.softmax(out, -1), 1, generator=generators[i]).squeeze(-1)
                 else:
-                    action = out_t[i] + std[i] * torch.randn(out_t[i].shape, generator=generators[i])
+                    action = out + std[i] * torch.randn(out.shape, generator=generators[i])
                 act_buf[t, i] = action
                 act_np = action.numpy()
-                if not spec.discrete:
-                    act_np = np.clip(act_np, spec.act_low, spec.act_high)
+                if not spec.discrete:  # np.clip's dispatch costs more than the two ufuncs; same values
+                    act_np = np.minimum(np.maximum(act_np, spec.act_low), spec.act_high)
                 raw_obs, rewards, done = envs[i].step(act_np, alive[i])
                 rew_buf[t, i] = np.where(alive[i], rewards, 0.0)
                 mask_buf[t, i] = alive[i]
@@ -138,14 +141,14 @@ def collect_many(
                     steps[i] = t + 1
             if not alive.any():
                 break
+        group_out = [torch.stack(o) for o in outs]  # [steps the group was live, group, n, out]
     batches = []
     for i in range(tasks):
-        T = steps[i]
+        T, (g, j) = steps[i], where[i]
         actions = act_buf[:T, i].contiguous()
         log_std = None if spec.discrete else params[i]["log_std"]
         with torch.no_grad():
-            log_probs = policy.head(out_buf[:T, i], log_std).log_prob(actions)
-        g, j = where[i]
+            log_probs = policy.head(group_out[g][:T, j], log_std).log_prob(actions)
         batches.append(Episodes(obs_bufs[g][:T, j].contiguous(), actions, torch.from_numpy(rew_buf[:T, i].copy()),
                                 torch.from_numpy(mask_buf[:T, i].copy()), log_probs=log_probs,
                                 params=params[i]))
