@@ -160,7 +160,7 @@ def loopback_cluster():
             for _ in range(group.get("replicas", 1)):
                 cluster.add_node(f"127.0.0.{ip}", start_params(group, f"127.0.0.{ip}"))
                 ip += 1
-        cluster.wait_for_cpus(sum(float(n.get("num-cpus", 0)) for n in [start_params(spec["headGroupSpec"], "")] +
+        cluster.ensure_cpus(sum(float(n.get("num-cpus", 0)) for n in [start_params(spec["headGroupSpec"], "")] +
                                   [start_params(g, "") for g in spec["workerGroupSpecs"]
                                    for _ in range(g.get("replicas", 1))]))
         cluster.startup_s = time.monotonic() - start

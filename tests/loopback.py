@@ -25,7 +25,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 REAPER = Path(__file__).with_name("loopback_reaper.py")
 # In every node's environment, which Ray hands on to what it starts: how the reaper knows a cluster's processes.
 MARKER_VAR = "METARAY_LOOPBACK_CLUSTER"
-FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",
+# Node loss is detected in ~5 s: fast enough for the node-loss test, slow enough that a raylet
+# busy starting up on a loaded 2-core machine is not declared dead (seen with a threshold of 4).
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "10",
                       "RAY_health_check_timeout_ms": "500", "RAY_health_check_initial_delay_ms": "0"}
 
 
@@ -96,6 +98,8 @@ class Node:
     ip: str
     proc: subprocess.Popen
     log: Path
+    params: dict[str, str] = field(default_factory=dict)  # what add_node was given, to start it again
+    object_store_bytes: int = 0
 
     def pids(self) -> list[int]:
         return sorted({self.proc.pid, *descendants(self.proc.pid), *_group(self.proc.pid)})
@@ -208,12 +212,46 @@ class LoopbackCluster:
         args = [f"--address={self.address}", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
                 *[f"--{k}={v}" for k, v in params.items()]]
         node = self._start(ip, args, {})
+        node.params, node.object_store_bytes = dict(params), object_store_bytes
         deadline = time.monotonic() + 60
         while self.alive_nodes() <= before:
             if node.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"node {ip} did not join: {node.log.read_text()[-2000:]}")
             time.sleep(0.2)
         return node
+
+    def ensure_cpus(self, cpus: float, timeout: float = 60) -> None:
+        """wait_for_cpus, first starting again (once) any worker node that died after joining: its
+        ``ray start --block`` exited or its raylet is no longer alive (a loaded machine can make a
+        starting raylet miss its health checks). On failure the error carries every node's log tail."""
+        for attempt in range(2):
+            try:
+                self.wait_for_cpus(cpus, timeout)
+                return
+            except RuntimeError as err:
+                if attempt:
+                    logs = "\n".join(f"--- {n.ip} (exit {n.proc.poll()}):\n{n.log.read_text()[-600:]}"
+                                      for n in self.nodes)
+                    raise RuntimeError(f"{err}\n{logs}") from None
+            alive = self.alive_ips()
+            for node in [n for n in self.nodes[1:] if n.proc.poll() is not None or n.ip not in alive]:
+                print(f"\nloopback node {node.ip} died after joining; starting it again:\n"
+                      f"{node.log.read_text()[-800:]}")
+                node.stop()
+                self.nodes.remove(node)
+                self.add_node(node.ip, node.params, node.object_store_bytes)
+
+    def alive_ips(self) -> set[str]:
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/nodes?view=summary", timeout=5) as r:
+                data = json.load(r)
+        except OSError:
+            return set()
+        return {n.get("ip") or n["raylet"].get("nodeManagerAddress") for n in data["data"]["summary"]
+                if n["raylet"]["state"] == "ALIVE"}
 
     def wait_for_cpus(self, cpus: float, timeout: float = 90) -> None:
         """Until the cluster's resource view (what the scheduler places by) counts ``cpus`` CPUs.
