@@ -38,8 +38,9 @@ def _run_guarded(fn: Callable[[], T]) -> T:
     from metaray.runtime.cluster import UnreachableClusterError
     from metaray.runtime.learner import IterationFailedError
     from metaray.runtime.pool import NoLiveWorkerError, WorkerStartError
+    from metaray.training.run_dir import NonFiniteParamsError
 
-    run_failures = (TaskEnvError, IterationFailedError, NoLiveWorkerError, WorkerStartError)
+    run_failures = (TaskEnvError, IterationFailedError, NoLiveWorkerError, WorkerStartError, NonFiniteParamsError)
     try:
         return fn()
     except ConfigError as err:
@@ -74,7 +75,7 @@ def train(
         from metaray.runtime.cluster import check_reachable, ray_session, resolve_address
         from metaray.training.progress import make_progress
         from metaray.training.run_dir import RunDir
-        from metaray.training.trainer import check_compatible
+        from metaray.training.trainer import check_compatible, check_resumable
         from metaray.training.trainer import train as train_loop
 
         if resolve_address(address):
@@ -84,10 +85,13 @@ def train(
                 raise ConfigError("--resume RUN_DIR takes its config and directory from the run; "
                                   "give no CONFIG, --output or --overwrite (--set still applies)")
             run = RunDir(resume)
-            cfg = load_config(run.config_path, set_ or []) if run.config_path.is_file() else run.load_config()
+            saved = run.load_config()
+            cfg = load_config(run.config_path, set_ or [])
             runner = TaskWorker(cfg)
-            # A damaged or incompatible checkpoint fails here, before anything is written.
-            check_compatible(run.latest_checkpoint(), cfg, runner.n_params, str(run.checkpoint_files()[-1]))
+            # A damaged, incompatible or diverging resume fails here, before anything is written.
+            checkpoint = run.latest_checkpoint()
+            check_compatible(checkpoint, cfg, runner.n_params, str(run.checkpoint_files()[-1]))
+            check_resumable(saved, cfg, int(checkpoint["iteration"]), str(run.path))
             run.write_config(cfg)
         else:
             if config is None:
@@ -132,6 +136,8 @@ def eval_(
     """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
+        import torch
+
         from metaray.evaluation.comparisons import evaluate_with_baselines, parse_names
         from metaray.runtime.cluster import ray_session
         from metaray.training.progress import make_progress
@@ -142,6 +148,9 @@ def eval_(
         rd = RunDir(run_dir)
         cfg = rd.load_config()
         ckpt = rd.latest_checkpoint()
+        if not torch.isfinite(ckpt["params"]).all():
+            raise ConfigError(f"{rd.checkpoint_files()[-1]} holds non-finite (NaN or inf) parameters: "
+                              "nothing to evaluate")
         eval_seed = cfg.seed if seed is None else seed
         # With --json, stdout carries the JSON alone; progress goes to stderr.
         progress = make_progress(sys.stderr if as_json else sys.stdout)

@@ -39,6 +39,9 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     (["algorithm=tests.custom_family:GoalLine"], "is not a subclass of metaray.algorithms.base.Algorithm"),
     (["algorithm=nowhere.mod:Algo"], "cannot import algorithm 'nowhere.mod:Algo'"),
     (["outer.optimizer=rmsprop"], "outer.optimizer: Input should be 'adam', 'sgd' or 'trpo'"),
+    (["outer.lr=.inf"], "outer.lr: Input should be a finite number"),
+    (["inner.lr=.nan"], "inner.lr: Input should be a finite number"),
+    (["rollout.gamma=-.inf"], "rollout.gamma: Input should be a finite number"),
 ])
 def test_bad_config_names_the_field(overrides, expected):
     with pytest.raises(ConfigError) as err:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 
 from metaray.config import ConfigError, load_config
 from metaray.training.run_dir import RunDir, read_rows
@@ -181,8 +182,6 @@ def test_truncated_checkpoint_is_refused_on_resume(tmp_path):
     cfg = load_config("quickstart", ["policy.hidden_sizes=[4]"])
     run = RunDir(tmp_path / "run")
     run.prepare(cfg, overwrite=False)
-    import torch
-
     for it in (2, 4):
         run.save_checkpoint(it, {"params": torch.zeros(3), "optimizer": None}, cfg, keep=3)
     newest = run.checkpoint_files()[-1]
@@ -195,16 +194,55 @@ def test_truncated_checkpoint_is_refused_on_resume(tmp_path):
     assert run.config_path.read_text() == config_before
 
 
-def test_incompatible_checkpoint_is_refused(tmp_path):
+def test_incompatible_checkpoint_or_diverging_resume_is_refused(ray_address, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train", "quickstart", "--output", str(out), "--set", "outer.iterations=1", "--set",
+    proc = run_cli("train", "quickstart", "--output", str(out), "--set", "outer.iterations=2", "--set",
                    "outer.meta_batch_size=2", "--set", "inner.episodes=2", "--set", "rollout.horizon=5",
-                   "--set", "eval.tasks=1")
+                   "--set", "eval.tasks=1", "--address", ray_address)
     assert proc.returncode == 0, proc.stderr
     before = (out / "config.yaml").read_text()
     proc = run_cli("train", "--resume", str(out), "--set", "policy.hidden_sizes=[32]")
     assert proc.returncode == 2 and "holds a policy of 4484 parameters" in proc.stderr
+    # What would make the resumed run differ from an uninterrupted one is named and refused.
+    proc = run_cli("train", "--resume", str(out), "--set", "seed=7", "--set", "inner.lr=0.2",
+                   "--set", "resources.torch_threads=2")
+    assert proc.returncode == 2 and "cannot change inner.lr, resources.torch_threads, seed" in proc.stderr
+    proc = run_cli("train", "--resume", str(out), "--set", "outer.iterations=1")
+    assert proc.returncode == 2 and "below the 2 iterations its checkpoint already holds" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "config.yaml").read_text() == before
+    # What may change does: more iterations, another evaluation size, other resources.
+    proc = run_cli("train", "--resume", str(out), "--set", "outer.iterations=3", "--set", "eval.tasks=2",
+                   "--set", "resources.num_workers=1", "--address", ray_address)
+    assert proc.returncode == 0, proc.stderr
+    assert RunDir(out).latest_checkpoint()["iteration"] == 3
+
+
+def test_non_finite_parameters_are_never_checkpointed_nor_evaluated(tmp_path):
+    import hashlib
+    import io
+
+    from metaray.training.run_dir import _MAGIC, NonFiniteParamsError
+
+    cfg = load_config("quickstart")
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, overwrite=False)
+    with pytest.raises(NonFiniteParamsError, match="not finite"):
+        run.save_checkpoint(1, {"params": torch.tensor([1.0, float("nan")]), "optimizer": None}, cfg, keep=3)
+    assert not run.checkpoint_files()
+    # One written by something else (valid checksum, NaN inside): eval refuses it in one line.
+    from metaray.core.task_worker import TaskWorker
+
+    n = TaskWorker(cfg).n_params
+    buf = io.BytesIO()
+    torch.save({"format": 1, "iteration": 1, "config": cfg.model_dump(mode="json"),
+                "params": torch.full((n,), float("inf")), "optimizer": None}, buf)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    raw = buf.getvalue()
+    (run.checkpoints / "checkpoint_000001.pt").write_bytes(_MAGIC + hashlib.sha256(raw).digest() + raw)
+    proc = run_cli("eval", str(run.path), "--tasks", "2", "--steps", "1")
+    assert proc.returncode == 2 and "non-finite (NaN or inf) parameters" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run.eval_path.exists()
 
 
 def test_kill_during_checkpoint_write_leaves_no_valid_looking_file(tmp_path):

@@ -48,6 +48,10 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+class NonFiniteParamsError(ArithmeticError):
+    """The meta-parameters went NaN or inf: the run stops rather than checkpoint them."""
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -84,7 +88,12 @@ class RunDir:
         return validate(yaml.safe_load(self.config_path.read_text()) or {}, str(self.config_path))
 
     def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config, keep: int) -> Path:
-        """Write checkpoint N atomically with a checksum, then delete all but the newest ``keep``."""
+        """Write checkpoint N atomically with a checksum, then delete all but the newest ``keep``.
+
+        Parameters with NaN or inf are refused: nothing broken is ever checkpointed."""
+        if not torch.isfinite(state["params"]).all():
+            raise NonFiniteParamsError(f"iteration {iteration}: the meta-parameters are not finite (NaN or inf); "
+                                       f"nothing was checkpointed in {self.path}")
         payload = {"format": CHECKPOINT_FORMAT, "iteration": iteration,
                    "config": config.model_dump(mode="json"), **state}
         buf = io.BytesIO()

@@ -100,6 +100,36 @@ def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, 
             f"{config.outer.optimizer!r}")
 
 
+RESUMABLE = ("outer.iterations", "checkpoint.", "eval.", "resources.")
+"""What ``--resume`` may change: none of it changes a completed iteration's arithmetic (but
+``resources.torch_threads``, which does and is excluded)."""
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: Config, config: Config, checkpoint_iteration: int, source: str) -> None:
+    """Refuse a resume whose config would not continue the same run (naming the fields), or that
+    asks for fewer iterations than the checkpoint already holds."""
+    old, new = _flat(saved.model_dump(mode="json")), _flat(config.model_dump(mode="json"))
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+               and (not k.startswith(RESUMABLE) or k == "resources.torch_threads")]
+    if changed:
+        raise ConfigError(f"--resume {source}: cannot change {', '.join(changed)} (the resumed run would not "
+                          f"equal an uninterrupted one); outer.iterations, checkpoint.*, eval.* and resources.* "
+                          f"(but torch_threads) may change")
+    if config.outer.iterations < checkpoint_iteration:
+        raise ConfigError(f"--resume {source}: outer.iterations={config.outer.iterations} is below the "
+                          f"{checkpoint_iteration} iterations its checkpoint already holds")
+
+
 def run_iteration(learner: ray.actor.ActorHandle, family: TaskFamily, config: Config,
                   iteration: int) -> tuple[list[Task], dict[str, Any]]:
     """One iteration; one with too few finite results is retried on a fresh, seeded task draw.
