@@ -157,29 +157,43 @@ def eval_(
         with ray_session(address, cfg.resources.num_workers * cfg.resources.cpus_per_worker):
             results, summary, ppo_rows = evaluate_with_baselines(
                 cfg, rd, ckpt["params"].numpy(), names, tasks, steps, eval_seed, progress, ppo_budget, ppo_tasks)
-        save_eval(rd, results, int(ckpt["iteration"]), eval_seed, ppo_rows)
+        # The results are printed before eval.parquet is written: a run directory that cannot be
+        # written (read-only, full) loses nothing that was computed.
         if as_json:
             out = {"run_dir": str(run_dir), "iteration": int(ckpt["iteration"]), "seed": eval_seed,
                    **results["metaray"].to_json()}
             if names:
                 out["baselines"] = summary
             sys.stdout.write(json.dumps(out) + "\n")
-            return
-        typer.echo(f"{run_dir} at iteration {ckpt['iteration']}: {tasks} held-out tasks, seed {eval_seed}")
-        header = f"{'steps':>5}" + "".join(f"  {name:>22}" for name in results)
-        typer.echo(header + "\n" + f"{'':>5}" + "".join(f"  {'mean ± stderr':>22}" for _ in results))
-        for k in range(steps + 1):
-            cells = "".join(f"  {r.mean_return[k]:12.3f} ± {r.stderr_return[k]:7.3f}" for r in results.values())
-            typer.echo(f"{k:>5}{cells}")
-        if "ppo" in summary:
-            p = summary["ppo"]
-            bound = " (at least: some tasks never reached it)" if p["ratio_is_lower_bound"] else ""
-            typer.echo(f"ppo: reached metaray's {steps}-step return on {p['reached']}/{p['tasks']} tasks; median "
-                       f"{p['median_env_steps_to_target']:,.0f} env steps vs {p['metaray_adaptation_env_steps']:,.0f}"
-                       f" for metaray's adaptation = {p['sample_efficiency_ratio'] or float('nan'):.1f}x{bound}")
-        typer.echo(f"wrote {rd.eval_path}")
+            sys.stdout.flush()
+        else:
+            _print_eval(run_dir, ckpt, tasks, steps, eval_seed, results, summary)
+        try:
+            save_eval(rd, results, int(ckpt["iteration"]), eval_seed, ppo_rows)
+        except OSError as err:
+            raise _fail(f"the results above were not saved: cannot write {rd.eval_path}: "
+                        f"{err.strerror or err}", 1) from None
+        if not as_json:
+            typer.echo(f"wrote {rd.eval_path}")
 
     _run_guarded(run)
+
+
+def _print_eval(run_dir: Path, ckpt: dict, tasks: int, steps: int, eval_seed: int, results: dict,
+                summary: dict) -> None:
+    """The evaluation as a table: mean ± stderr per adaptation step, one column per policy."""
+    typer.echo(f"{run_dir} at iteration {ckpt['iteration']}: {tasks} held-out tasks, seed {eval_seed}")
+    header = f"{'steps':>5}" + "".join(f"  {name:>22}" for name in results)
+    typer.echo(header + "\n" + f"{'':>5}" + "".join(f"  {'mean ± stderr':>22}" for _ in results))
+    for k in range(steps + 1):
+        cells = "".join(f"  {r.mean_return[k]:12.3f} ± {r.stderr_return[k]:7.3f}" for r in results.values())
+        typer.echo(f"{k:>5}{cells}")
+    if "ppo" in summary:
+        p = summary["ppo"]
+        bound = " (at least: some tasks never reached it)" if p["ratio_is_lower_bound"] else ""
+        typer.echo(f"ppo: reached metaray's {steps}-step return on {p['reached']}/{p['tasks']} tasks; median "
+                   f"{p['median_env_steps_to_target']:,.0f} env steps vs {p['metaray_adaptation_env_steps']:,.0f}"
+                   f" for metaray's adaptation = {p['sample_efficiency_ratio'] or float('nan'):.1f}x{bound}")
 
 
 @app.command()

@@ -31,6 +31,11 @@ from metaray.config import Config, ConfigError, dump_config, validate
 
 CHECKPOINT_FORMAT = 1
 _MAGIC = b"METARAY-CKPT-1\n"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files are created as the user's umask says, like open() would
+RUN_ENTRIES = re.compile(r"(config\.yaml|checkpoints|(metrics|tasks|eval)\.parquet|(metrics|tasks)\.parts|baselines|"
+                         r"(learning|adaptation)_curve\.png|events\.out\.tfevents\..+|\..+\.tmp)")
+"""What a metaray run directory holds; --overwrite removes nothing else."""
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -41,6 +46,7 @@ def atomic_write(path: Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from a reader under another uid
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -69,10 +75,20 @@ class RunDir:
         return self.path / "metrics.parquet"
 
     def prepare(self, config: Config, overwrite: bool) -> None:
-        """Create the run directory; refuse a non-empty one unless told to overwrite."""
+        """Create the run directory; refuse a non-empty one unless told to overwrite, and overwrite
+        only a metaray run directory: never a symbolic link, a file, or a directory holding anything else."""
+        if self.path.is_symlink():
+            raise ConfigError(f"run directory {self.path} is a symbolic link; give the directory itself")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"run directory {self.path} is a file, not a directory")
         if self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
+            foreign = sorted(e.name for e in self.path.iterdir() if not RUN_ENTRIES.fullmatch(e.name))
+            if foreign or not self.config_path.is_file():
+                why = f"it holds {foreign[0]!r}" if foreign else "it has no config.yaml"
+                raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.path} is not one "
+                                  f"({why}); nothing was deleted")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
