@@ -6,12 +6,16 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from metaray.config import ConfigError, load_config, preset_names
+
+if TYPE_CHECKING:
+    from metaray.training.run_dir import RunDir
 
 T = TypeVar("T")
 
@@ -35,7 +39,7 @@ def _run_guarded(fn: Callable[[], T]) -> T:
     import ray.exceptions
 
     from metaray.core.task_worker import TaskEnvError
-    from metaray.runtime.cluster import UnreachableClusterError
+    from metaray.runtime.cluster import ExposedRayError, UnreachableClusterError
     from metaray.runtime.learner import IterationFailedError
     from metaray.runtime.pool import NoLiveWorkerError, WorkerStartError
     from metaray.training.run_dir import NonFiniteParamsError
@@ -45,7 +49,7 @@ def _run_guarded(fn: Callable[[], T]) -> T:
         return fn()
     except ConfigError as err:
         raise _fail(str(err), 2) from None
-    except (UnreachableClusterError, ConnectionError, *run_failures) as err:
+    except (UnreachableClusterError, ExposedRayError, ConnectionError, *run_failures) as err:
         raise _fail(str(err), 1) from None
     except ray.exceptions.RayTaskError as err:
         cause: BaseException | None = err
@@ -70,41 +74,62 @@ def train(
 ) -> None:
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
-    def run() -> None:
+    def run(stack: ExitStack) -> None:
         from metaray.core.task_worker import TaskWorker
+        from metaray.limits import check_cluster, check_embedded, estimate_memory
         from metaray.runtime.cluster import check_reachable, ray_session, resolve_address
         from metaray.training.progress import make_progress
         from metaray.training.run_dir import RunDir
         from metaray.training.trainer import check_compatible, check_resumable
         from metaray.training.trainer import train as train_loop
 
-        if resolve_address(address):
-            check_reachable(resolve_address(address))  # before anything is written
+        cluster = resolve_address(address)
+        if cluster:
+            check_reachable(cluster)  # before anything is written
         if resume is not None:
             if config is not None or output is not None or overwrite:
                 raise ConfigError("--resume RUN_DIR takes its config and directory from the run; "
                                   "give no CONFIG, --output or --overwrite (--set still applies)")
             run = RunDir(resume)
-            saved = run.load_config()
+            run.load_config()  # a run directory, before a lock file is made in it
+            stack.enter_context(run.lock("metaray train --resume"))
+            saved, checkpoint = run.load_model()
             cfg = load_config(run.config_path, set_ or [])
-            runner = TaskWorker(cfg)
-            # A damaged, incompatible or diverging resume fails here, before anything is written.
-            checkpoint = run.latest_checkpoint()
-            check_compatible(checkpoint, cfg, runner.n_params, str(run.checkpoint_files()[-1]))
-            check_resumable(saved, cfg, int(checkpoint["iteration"]), str(run.path))
-            run.write_config(cfg)
         else:
             if config is None:
                 raise ConfigError("give a CONFIG (preset name or YAML file), or --resume RUN_DIR")
             cfg = load_config(config, set_ or [])
-            runner = TaskWorker(cfg)  # builds the family and one env: bad input fails before anything is written
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
             run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            run.prepare(cfg, overwrite)
-        typer.echo(f"run directory: {run.path}")
+            run.check_target(overwrite)  # a file, a symlink, foreign content: refused, nothing touched
+        # What the run will hold, against what this machine has: before the policy is built, and
+        # before anything is written (a cluster's memory is checked once connected, below).
+        estimate = estimate_memory(cfg, embedded=not cluster)
+        if not cluster:
+            check_embedded(cfg, estimate)
+        runner = TaskWorker(cfg)  # builds the family and one env: bad input fails before anything is written
+        if resume is not None:
+            # A damaged, incompatible or diverging resume fails here, before anything is written.
+            check_compatible(checkpoint, cfg, runner.n_params, str(run.checkpoint_files()[-1]))
+            check_resumable(saved, cfg, int(checkpoint["iteration"]), str(run.path))
+
+        def write_run_dir() -> None:
+            if resume is not None:
+                run.write_config(cfg)
+            else:
+                run.path.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(run.lock("metaray train"))  # held until the run is over
+                run.prepare(cfg, overwrite)
+            typer.echo(f"run directory: {run.path}")
+
+        if not cluster:
+            write_run_dir()  # before the embedded Ray starts: a bad --output fails in a second
         cpus = cfg.resources.num_workers * cfg.resources.cpus_per_worker
         start = time.perf_counter()
         with ray_session(address, cpus):
+            if cluster:
+                check_cluster(cfg, estimate)  # the cluster's memory, known once connected
+                write_run_dir()
             summary = train_loop(cfg, run, runner=runner, resume=resume is not None,
                                  progress=make_progress(sys.stdout, typer.echo))
         result = summary["eval"]
@@ -115,7 +140,8 @@ def train(
         for k in range(1, len(mean)):
             typer.echo(f"  after {k} step{'s' if k > 1 else ' '}:         {mean[k]:10.3f} ± {se[k]:.3f}")
 
-    _run_guarded(run)
+    with ExitStack() as stack:  # the run directory's lock, released when the run is over
+        _run_guarded(lambda: run(stack))
 
 
 @app.command("eval")
@@ -136,18 +162,26 @@ def eval_(
     """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
-        import torch
-
-        from metaray.evaluation.comparisons import evaluate_with_baselines, parse_names
-        from metaray.runtime.cluster import ray_session
-        from metaray.training.progress import make_progress
+        from metaray.evaluation.comparisons import parse_names
         from metaray.training.run_dir import RunDir
-        from metaray.training.trainer import save_eval
 
         names = parse_names(baselines) if baselines is not None else []
         rd = RunDir(run_dir)
-        cfg = rd.load_config()
-        ckpt = rd.latest_checkpoint()
+        rd.load_config()  # a run directory, before a lock file is made in it
+        with rd.lock("metaray eval"):  # eval.parquet and the pretrained baseline are written into the run
+            _evaluate(rd, names)
+
+    def _evaluate(rd: RunDir, names: list[str]) -> None:
+        import torch
+
+        from metaray.core.task_worker import TaskWorker
+        from metaray.evaluation.comparisons import evaluate_with_baselines
+        from metaray.runtime.cluster import ray_session
+        from metaray.training.progress import make_progress
+        from metaray.training.trainer import check_compatible, save_eval
+
+        cfg, ckpt = rd.load_model()  # checked against each other before Ray starts
+        check_compatible(ckpt, cfg, TaskWorker(cfg).n_params, str(rd.checkpoint_files()[-1]))
         if not torch.isfinite(ckpt["params"]).all():
             raise ConfigError(f"{rd.checkpoint_files()[-1]} holds non-finite (NaN or inf) parameters: "
                               "nothing to evaluate")
@@ -214,20 +248,37 @@ def serve_(
     replicas: Annotated[int, typer.Option(min=1, help="Serve replicas of the meta-policy.")] = 1,
     cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs reserved per replica.")] = 1.0,
     address: AddressOpt = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get 413.")] = 2**20,
+    auth_token_file: Annotated[Path | None, typer.Option(
+        help="File holding a bearer token every request but GET /healthz must carry (default: the "
+             "METARAY_SERVE_TOKEN environment variable; neither: no token).")] = None,
+    openapi: Annotated[bool, typer.Option("--openapi", help="Serve /docs, /redoc and /openapi.json.")] = False,
 ) -> None:
     """Serve the meta-policy on Ray Serve: POST /adapt adapts it to a task, GET /healthz names it."""
     import signal
 
     def run() -> None:
+        import os
+
         from ray import serve
 
         from metaray.runtime.cluster import ray_session
-        from metaray.service.serve import build_app
+        from metaray.service.serve import build_app, load_token, proxy_env
         from metaray.training.run_dir import RunDir
 
+        token_file = str(auth_token_file.resolve()) if auth_token_file is not None else None
+        try:
+            load_token(token_file)  # a missing, unreadable or empty token is a usage error, before Ray starts
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--auth-token-file: {err}" if token_file else str(err)) from None
+        from metaray.core.task_worker import TaskWorker
+        from metaray.training.trainer import check_compatible
+
         rd = RunDir(run_dir)
-        rd.load_config()
-        rd.latest_checkpoint()  # a missing or damaged model fails here, not in a replica
+        # A missing, damaged or edited model fails here, not in a replica.
+        cfg, checkpoint = rd.load_model()
+        check_compatible(checkpoint, cfg, TaskWorker(cfg).n_params, str(rd.checkpoint_files()[-1]))
+        os.environ.update(proxy_env(max_body_bytes))  # the body limit in an embedded Ray's HTTP proxy too
         with ray_session(address, replicas * cpus_per_replica):
             # SIGTERM (a pod stopping, a test) takes Ctrl-C's path, so Serve is shut down; set
             # after connecting, since ray.init installs a SIGTERM handler of its own.
@@ -235,7 +286,8 @@ def serve_(
             serve.start(http_options={"host": host, "port": port})
             try:
                 serve.run(build_app({"run_dir": str(rd.path.resolve()), "replicas": replicas,
-                                     "cpus_per_replica": cpus_per_replica}),
+                                     "cpus_per_replica": cpus_per_replica, "max_body_bytes": max_body_bytes,
+                                     "auth_token_file": token_file, "openapi": openapi}),
                           name="metaray", route_prefix="/")
                 typer.echo(f"serving {run_dir} on http://{host}:{port} (POST /adapt, GET /healthz); Ctrl-C stops")
                 signal.pause()
@@ -399,7 +451,26 @@ def _bare_baselines(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    _working_dir_on_path()
     app(args=_bare_baselines(sys.argv[1:]), prog_name="metaray")
+
+
+def _working_dir_on_path() -> None:
+    """Put the working directory first on sys.path, as ``python -m metaray.cli`` does.
+
+    The installed ``metaray`` script has its own bin directory there instead, so a config's
+    ``module:Class`` (task.family, algorithm) would not find a module of the working directory.
+    A config naming one imports it: it is as trusted as a Python file. Ray's workers get the
+    driver's working directory on their path from Ray itself (a local or embedded cluster).
+    """
+    import os
+
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed: nothing to import from it
+        return
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metaray.limits import InputLimitError, load_yaml, one_line, read_text, short_repr
+
+MAX_LAYERS, MAX_WIDTH = 8, 4096
+"""policy.hidden_sizes: at most 8 hidden layers of at most 4096 units (about 120M parameters at most)."""
+
 
 class ConfigError(ValueError):
     """Bad user input: one message naming the file, the field and what is allowed."""
@@ -49,7 +54,7 @@ class TaskConfig(_Section):
 
 class PolicyConfig(_Section):
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
-    """Widths of the MLP's hidden layers."""
+    """Widths of the MLP's hidden layers: 1 to 8 layers of 1 to 4096 units."""
     activation: Literal["tanh", "relu"] = "tanh"
     """Hidden-layer nonlinearity."""
     init_log_std: float = 0.0
@@ -60,6 +65,8 @@ class PolicyConfig(_Section):
     def _positive_widths(cls, value: list[int]) -> list[int]:
         if not value or any(w < 1 for w in value):
             raise ValueError("must be a non-empty list of positive integers")
+        if len(value) > MAX_LAYERS or any(w > MAX_WIDTH for w in value):
+            raise ValueError(f"at most {MAX_LAYERS} hidden layers of at most {MAX_WIDTH} units each")
         return value
 
 
@@ -68,26 +75,26 @@ class InnerConfig(_Section):
     """Policy-gradient adaptation steps per task."""
     lr: float = Field(0.1, gt=0)
     """Inner (adaptation) step size, as in the MAML paper."""
-    episodes: int = Field(20, ge=1)
-    """Episodes collected per inner step per task."""
+    episodes: int = Field(20, ge=1, le=10_000)
+    """Episodes collected per inner step per task (at most 10,000)."""
 
 
 class TRPOConfig(_Section):
     max_kl: float = Field(0.01, gt=0)
     """KL bound of the trust region."""
-    cg_iters: int = Field(10, ge=1)
-    """Conjugate-gradient iterations."""
+    cg_iters: int = Field(10, ge=1, le=1000)
+    """Conjugate-gradient iterations (at most 1,000)."""
     cg_damping: float = Field(1e-5, ge=0)
     """Damping added to the Fisher-vector product."""
-    ls_max_steps: int = Field(15, ge=1)
-    """Backtracking line-search steps."""
+    ls_max_steps: int = Field(15, ge=1, le=1000)
+    """Backtracking line-search steps (at most 1,000)."""
     ls_backtrack_ratio: float = Field(0.8, gt=0, lt=1)
     """Shrink factor per line-search step."""
 
 
 class ProMPConfig(_Section):
-    steps: int = Field(5, ge=1)
-    """Outer optimizer steps per batch of samples (the first at the sampling parameters)."""
+    steps: int = Field(5, ge=1, le=1000)
+    """Outer optimizer steps per batch of samples (the first at the sampling parameters; at most 1,000)."""
     clip: float = Field(0.3, gt=0, lt=1)
     """Clipping range of the outer likelihood ratio."""
     kl_coef: float = Field(5e-4, ge=0)
@@ -105,25 +112,25 @@ class OuterConfig(_Section):
     """Outer optimizer; trpo only for algorithms that support it (maml, pretrain)."""
     lr: float = Field(1e-3, gt=0)
     """Outer step size (unused by trpo, whose step is set by max_kl)."""
-    meta_batch_size: int = Field(20, ge=1)
-    """Tasks per meta-iteration; independent of the number of workers."""
-    iterations: int = Field(100, ge=1)
-    """Meta-iterations to run."""
+    meta_batch_size: int = Field(20, ge=1, le=10_000)
+    """Tasks per meta-iteration; independent of the number of workers (at most 10,000)."""
+    iterations: int = Field(100, ge=1, le=1_000_000)
+    """Meta-iterations to run (at most 1,000,000: the driver keeps a metrics row for each)."""
     trpo: TRPOConfig = Field(default_factory=TRPOConfig)
     promp: ProMPConfig = Field(default_factory=ProMPConfig)
     reptile: ReptileConfig = Field(default_factory=ReptileConfig)
 
 
 class RolloutConfig(_Section):
-    horizon: int = Field(100, ge=1)
-    """Maximum steps per episode."""
+    horizon: int = Field(100, ge=1, le=10_000)
+    """Maximum steps per episode (at most 10,000: the advantages use a horizon x horizon discount matrix)."""
     gamma: float = Field(0.99, gt=0, le=1)
     """Discount factor."""
     gae_lambda: float = Field(1.0, ge=0, le=1)
     """GAE lambda (1.0 = Monte-Carlo returns minus the baseline)."""
     normalize_advantages: bool = True
     """Normalise advantages per task, as the MAML reference code does."""
-    task_group_size: int = Field(5, ge=1)
+    task_group_size: int = Field(5, ge=1, le=10_000)
     """Tasks (consecutive task indices) that share one batched policy forward while sampling.
     Part of the numerical recipe: fixed by the config, so no result depends on how tasks
     are spread over workers. Workers get whole groups: meta_batch_size / task_group_size a
@@ -131,9 +138,10 @@ class RolloutConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    num_workers: int = Field(2, ge=1)
-    """Worker actors."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    num_workers: int = Field(2, ge=1, le=1024)
+    """Worker actors (at most 1,024; on the embedded Ray, num_workers x cpus_per_worker at most
+    max(8, 4 x the machine's CPUs))."""
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     """CPUs reserved per worker actor (scheduling only: results do not depend on it)."""
     torch_threads: int = Field(1, ge=1, le=256)
     """Intra-op threads of each worker's torch. Results are bit-identical for any num_workers at a
@@ -148,7 +156,7 @@ class ResourcesConfig(_Section):
     """Dispatch a task again on another worker when it runs longer than this (None: never)."""
     min_valid_fraction: float = Field(0.5, gt=0, le=1)
     """Retry the iteration when fewer of its task results than this fraction are finite."""
-    max_iteration_retries: int = Field(2, ge=0)
+    max_iteration_retries: int = Field(2, ge=0, le=100)
     """Fresh, seeded task draws for an iteration with too few finite results before the run fails."""
 
 
@@ -160,8 +168,8 @@ class CheckpointConfig(_Section):
 
 
 class EvalConfig(_Section):
-    tasks: int = Field(20, ge=1)
-    """Held-out tasks evaluated at the end of training."""
+    tasks: int = Field(20, ge=1, le=10_000)
+    """Held-out tasks evaluated at the end of training (at most 10,000)."""
     steps: int = Field(1, ge=0, le=50)
     """Adaptation steps evaluated at the end of training."""
 
@@ -169,8 +177,8 @@ class EvalConfig(_Section):
 class Config(_Section):
     algorithm: str = "maml"
     """maml, fomaml, reptile, promp, pretrain (the no-adaptation baseline) or an import path module:Class."""
-    seed: int = Field(0, ge=0)
-    """Root of every random stream of the run."""
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    """Root of every random stream of the run (a 64-bit signed integer, as the run's tables store it)."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     inner: InnerConfig = Field(default_factory=InnerConfig)
@@ -207,26 +215,40 @@ def preset_names() -> list[str]:
 def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
     """Return the raw mapping of a YAML file or preset, and a label for messages."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long to be a path (ENAMETOOLONG): no file, so a preset name
+        exists = False
+    if path.suffix in (".yaml", ".yml") or exists:
+        if not exists:
             raise ConfigError(f"config file {path} does not exist")
-        text, label = path.read_text(), str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a regular file")
+        label = str(path)
+        try:
+            text = read_text(path)  # at most 1 MiB of UTF-8
+        except InputLimitError as err:
+            raise ConfigError(str(err)) from None
     else:
         name = str(source)
         if name not in preset_names():
             raise ConfigError(
-                f"unknown preset {name!r}: allowed presets are {', '.join(preset_names())} "
+                f"unknown preset {short_repr(name)}: allowed presets are {', '.join(preset_names())} "
                 "(or give a path to a .yaml file)"
             )
         text = (resources.files("metaray") / "presets" / f"{name}.yaml").read_text()
         label = f"preset {name}"
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # bounded: size after alias expansion, depth, integer length
+    except InputLimitError as err:
+        raise ConfigError(f"{label}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{label} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(one_line(f"{label} is not valid YAML{where}: {problem}")) from None
+    except ValueError as err:  # a scalar no value fits, such as the date 2001-13-45
+        raise ConfigError(one_line(f"{label} is not valid YAML: {err}")) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -236,15 +258,18 @@ def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``key.path=value`` override in place; the value is parsed as YAML."""
+    shown = short_repr(assignment)
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+        raise ConfigError(f"--set {shown}: expected key.path=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key")
+        raise ConfigError(f"--set {shown}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else ""
+    except InputLimitError as err:  # within YAML's syntax but beyond a bound: refused, not taken as text
+        raise ConfigError(f"--set {shown}: {err}") from None
+    except (yaml.YAMLError, ValueError):  # not YAML (or a scalar no value fits): the text itself
         value = raw
     node = data
     for part in parts[:-1]:
@@ -252,22 +277,24 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+            raise ConfigError(f"--set {shown}: {short_repr(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
 
 def _describe(error: ValidationError, label: str) -> str:
-    first = error.errors()[0]
+    """The first error on one line; an echoed input or key is cut to 100 characters, so that
+    no input, however large, makes the message large (or slow to build)."""
+    first = error.errors(include_url=False, include_context=False)[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
+    msg = one_line(first["msg"].removeprefix("Value error, "), 400)
     if first["type"] == "extra_forbidden":
         section = _section_model(first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
-        return f"{label}: unknown key {loc!r}; allowed keys here: {allowed}"
+        return f"{label}: unknown key {short_repr(loc)}; allowed keys here: {allowed}"
     got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{label}: {loc}: {msg}{shown}"
+    shown = "" if isinstance(got, dict) else f" (got {short_repr(got)})"
+    return f"{label}: {one_line(loc, 100)}: {msg}{shown}"
 
 
 def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:

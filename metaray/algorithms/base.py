@@ -116,18 +116,24 @@ ALGORITHMS: dict[str, str] = {
 
 
 def resolve_algorithm(name: str) -> type[Algorithm]:
-    """The class named by ``name``; ValueError naming the allowed values otherwise."""
+    """The class named by ``name``; ValueError naming the allowed values otherwise.
+
+    An import path is imported: a config naming one is as trusted as the Python file it names.
+    """
+    from metaray.limits import one_line, short_repr
+
     path = ALGORITHMS.get(name, name)
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)} or an import path "
-                         "module:Class")
+        raise ValueError(f"unknown algorithm {short_repr(name)}: use one of {', '.join(ALGORITHMS)} or an import "
+                         "path module:Class")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except Exception as err:  # a user module may fail to import in any way: one line, exit 2
-        raise ValueError(f"cannot import algorithm {name!r}: {type(err).__name__}: {err}") from None
+        raise ValueError(f"cannot import algorithm {short_repr(name)}: {type(err).__name__}: "
+                         f"{one_line(err, 300)}") from None
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-        raise ValueError(f"algorithm {name!r} is not a subclass of metaray.algorithms.base.Algorithm")
+        raise ValueError(f"algorithm {short_repr(name)} is not a subclass of metaray.algorithms.base.Algorithm")
     return cls
 
 

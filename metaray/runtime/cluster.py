@@ -11,8 +11,10 @@ from contextlib import contextmanager
 
 import ray
 
-EMBEDDED_NODE_IP = os.environ.get("METARAY_NODE_IP", "127.0.0.2")
-"""Loopback address for the embedded instance (127.0.0.1 is rewritten by Ray)."""
+EMBEDDED_NODE_IP = "127.0.0.1"
+"""The embedded instance's node address. Ray 2.60 binds a node's servers (GCS, raylet, workers,
+agents, metrics) to loopback only when this is literally 127.0.0.1, and to every interface for
+any other address, 127.0.0.2 included."""
 
 
 @contextmanager
@@ -31,18 +33,54 @@ def ray_session(address: str | None, num_cpus: float) -> Iterator[None]:
         check_reachable(address)
         _connect(address)
     else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
+        _start_embedded(num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class ExposedRayError(RuntimeError):
+    """The embedded Ray would accept unauthenticated connections from other hosts."""
+
+
+def _start_embedded(num_cpus: float) -> None:
+    """Start a one-node Ray whose every server listens on loopback only.
+
+    ``ray.init`` replaces 127.0.0.1 with the host's routable address (so that a cluster can
+    form) unless Ray believes it runs where clusters are off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    read by the driver's ``ray_constants`` at import, so set on the module too). Both are
+    undone once the node is up: a later connection to a real cluster is unaffected.
+    """
+    from ray._private import ray_constants
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    saved_env, saved_flag = os.environ.get(_CLUSTER_FLAG), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_FLAG], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        context = ray.init(
             num_cpus=max(int(os.cpu_count() or 1), int(num_cpus + 0.999)),
             include_dashboard=False,
             _node_ip_address=EMBEDDED_NODE_IP,
             object_store_memory=int(os.environ.get("METARAY_OBJECT_STORE_BYTES", 300 * 1024**2)),
             logging_level=logging.WARNING,
         )
-    try:
-        yield
     finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_FLAG, None)
+        else:
+            os.environ[_CLUSTER_FLAG] = saved_env
+    node_ip = context.address_info["node_ip_address"]
+    if node_ip != EMBEDDED_NODE_IP and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        # A Ray that changed how it binds: with token auth off, refuse to run open.
         ray.shutdown()
+        raise ExposedRayError(f"the embedded Ray came up on {node_ip}, not loopback, with RAY_AUTH_MODE=disabled: "
+                              "anyone who reaches this host could run code in it; unset RAY_AUTH_MODE "
+                              "(token auth) or give --address")
+
+
+_CLUSTER_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _connect(address: str, attempts: int = 3) -> None:

@@ -24,23 +24,29 @@ __all__ = ["BUILTIN_FAMILIES", "Task", "TaskFamily", "make_family", "resolve_fam
 
 
 def resolve_family_class(name: str) -> type:
-    """Return the family class for a built-in name or an import path; ValueError if none."""
+    """Return the family class for a built-in name or an import path; ValueError if none.
+
+    An import path is imported: a config naming one is as trusted as the Python file it names.
+    """
+    from metaray.limits import one_line, short_repr
+
     if name in BUILTIN_FAMILIES:
         return BUILTIN_FAMILIES[name]
     allowed = f"allowed: {', '.join(BUILTIN_FAMILIES)}, or an import path module:Class"
     if ":" not in name:
-        raise ValueError(f"unknown task family {name!r}; {allowed}")
+        raise ValueError(f"unknown task family {short_repr(name)}; {allowed}")
     module_name, _, class_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # an ImportError, or the module's own error while importing
-        raise ValueError(f"cannot import module {module_name!r} of task family {name!r}: {err}") from None
+        raise ValueError(f"cannot import module {short_repr(module_name)} of task family {short_repr(name)}: "
+                         f"{one_line(err, 300)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ValueError(f"module {module_name!r} has no attribute {class_name!r} ({allowed})")
+        raise ValueError(f"module {short_repr(module_name)} has no attribute {short_repr(class_name)} ({allowed})")
     missing = [m for m in ("sample_tasks", "make_env") if not callable(getattr(cls, m, None))]
     if missing:
-        raise ValueError(f"task family {name!r} lacks {', '.join(missing)}; see the README's contract")
+        raise ValueError(f"task family {short_repr(name)} lacks {', '.join(missing)}; see the README's contract")
     return cls
 
 

@@ -34,6 +34,8 @@ class BernoulliBanditEnv(gym.Env):
 class Bandit:
     """Arm probabilities i.i.d. uniform in [0, 1]."""
 
+    task_bounds = {"probs": (0.0, 1.0)}
+
     def __init__(self, arms: int = 5) -> None:
         if arms < 2:
             raise ValueError(f"bandit needs at least 2 arms (got {arms})")

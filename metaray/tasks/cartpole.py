@@ -41,6 +41,17 @@ class RandomPhysicsCartPoleEnv(CartPoleEnv):
 class CartPole:
     """Each physical constant is its default times U[1 - spread, 1 + spread]."""
 
+    # Physically sensible (SI units), far wider than any spread samples: a massless cart or
+    # pole, a zero-length pole or a force of 1e300 N is no cart-pole, and its arithmetic
+    # (division by the masses and the length) gives inf and NaN.
+    task_bounds = {"gravity": (0.0, 100.0), "masscart": (0.01, 100.0), "masspole": (0.001, 10.0),
+                   "length": (0.01, 10.0), "force_mag": (0.0, 1000.0), "actuation_sign": (-1, 1)}
+
+    @staticmethod
+    def check_task(task: Task) -> None:
+        if task["actuation_sign"] not in (-1, 1):
+            raise ValueError(f"actuation_sign must be -1 or 1 (got {task['actuation_sign']!r})")
+
     def __init__(self, spread: float = 0.5, flip_actuation: bool = True) -> None:
         if not 0.0 <= spread < 1.0:
             raise ValueError(f"cartpole spread must be in [0, 1) (got {spread})")

@@ -57,11 +57,17 @@ def _make(env_id: str, **kwargs: Any) -> gym.Env:
         raise RuntimeError(f"{env_id} needs MuJoCo: pip install 'metaray[mujoco]' ({err})") from None
 
 
+VELOCITY_LIMIT = 20.0
+"""Served target velocities lie within this (m/s; or the sampled range, if wider): a fast
+HalfCheetah runs at about 10."""
+
+
 class HalfCheetahVel:
     def __init__(self, low: float = 0.0, high: float = 2.0, ctrl_cost_weight: float = 0.05) -> None:
         if not low <= high:
             raise ValueError(f"low ({low}) must not exceed high ({high})")
         self.low, self.high, self.ctrl_cost_weight = low, high, ctrl_cost_weight
+        self.task_bounds = {"velocity": (min(-VELOCITY_LIMIT, low), max(VELOCITY_LIMIT, high))}
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
         return [{"velocity": float(v)} for v in rng.uniform(self.low, self.high, size=n)]
@@ -76,6 +82,12 @@ class _Direction:
 
     env_id = ""
     keep: tuple[str, ...] = ()
+    task_bounds = {"direction": (-1, 1)}
+
+    @staticmethod
+    def check_task(task: Task) -> None:
+        if task["direction"] not in (-1, 1):
+            raise ValueError(f"direction must be -1 or 1 (got {task['direction']!r})")
 
     def __init__(self, ctrl_cost_weight: float) -> None:
         self.ctrl_cost_weight = ctrl_cost_weight

@@ -40,6 +40,12 @@ class Navigation2DEnv(gym.Env):
         return self._state.astype(np.float32), reward, terminated, False, {}
 
 
+GOAL_LIMIT = 100.0
+"""Served goals lie within this of the origin (or the sampled range, if wider): a point
+moving at most 0.1 per step reaches 10 in a 100-step episode; a goal of 1e200 only
+overflows the returns."""
+
+
 class Navigation2D:
     """Goals uniform in [low, high]^2 (the paper's [-0.5, 0.5]^2 by default)."""
 
@@ -47,6 +53,7 @@ class Navigation2D:
         if not low < high:
             raise ValueError(f"navigation2d needs low < high (got low={low}, high={high})")
         self.low, self.high = float(low), float(high)
+        self.task_bounds = {"goal": (min(-GOAL_LIMIT, self.low), max(GOAL_LIMIT, self.high))}
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
         goals = rng.uniform(self.low, self.high, size=(n, 2))

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from metaray.config import Config, ConfigError, dump_config, validate
+from metaray.config import Config, ConfigError, dump_config, load_config, validate
+from metaray.training.run_lock import LOCK_NAME, run_lock
 
 CHECKPOINT_FORMAT = 1
 _MAGIC = b"METARAY-CKPT-1\n"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: files are created as the user's umask says, like open() would
 RUN_ENTRIES = re.compile(r"(config\.yaml|checkpoints|(metrics|tasks|eval)\.parquet|(metrics|tasks)\.parts|baselines|"
-                         r"(learning|adaptation)_curve\.png|events\.out\.tfevents\..+|\..+\.tmp)")
+                         r"(learning|adaptation)_curve\.png|events\.out\.tfevents\..+|\..+\.tmp|\.metaray\.lock)")
 """What a metaray run directory holds; --overwrite removes nothing else."""
 
 
@@ -74,34 +76,48 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.parquet"
 
-    def prepare(self, config: Config, overwrite: bool) -> None:
-        """Create the run directory; refuse a non-empty one unless told to overwrite, and overwrite
-        only a metaray run directory: never a symbolic link, a file, or a directory holding anything else."""
+    def check_target(self, overwrite: bool) -> None:
+        """Refuse, touching nothing, a target that ``prepare`` must not use: a symbolic link, a file,
+        a non-empty directory without ``overwrite``, or with it one that is not a metaray run directory."""
         if self.path.is_symlink():
             raise ConfigError(f"run directory {self.path} is a symbolic link; give the directory itself")
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"run directory {self.path} is a file, not a directory")
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
-            foreign = sorted(e.name for e in self.path.iterdir() if not RUN_ENTRIES.fullmatch(e.name))
-            if foreign or not self.config_path.is_file():
-                why = f"it holds {foreign[0]!r}" if foreign else "it has no config.yaml"
-                raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.path} is not one "
-                                  f"({why}); nothing was deleted")
-            shutil.rmtree(self.path)
+        entries = sorted(e.name for e in self.path.iterdir() if e.name != LOCK_NAME) if self.path.is_dir() else []
+        if entries and not overwrite:
+            raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
+        foreign = [name for name in entries if not RUN_ENTRIES.fullmatch(name)]
+        if entries and (foreign or not self.config_path.is_file()):
+            why = f"it holds {foreign[0]!r}" if foreign else "it has no config.yaml"
+            raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.path} is not one "
+                              f"({why}); nothing was deleted")
+
+    def prepare(self, config: Config, overwrite: bool) -> None:
+        """Empty the directory as ``check_target`` allows (the lock file stays: its holder is the
+        caller), then write the config. Call with the run's lock held."""
+        self.check_target(overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
+        for entry in self.path.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         self.write_config(config)
+
+    def lock(self, command: str) -> AbstractContextManager[bool]:
+        """The run directory's writer lock (see metaray.training.run_lock); the directory must exist."""
+        return run_lock(self.path, command)
 
     def write_config(self, config: Config) -> None:
         atomic_write(self.config_path, lambda f: f.write(dump_config(config).encode()))
 
     def load_config(self) -> Config:
-        import yaml
-
+        """config.yaml, read within the same bounds as any config file (it may be hostile too)."""
         if not self.config_path.is_file():
             raise ConfigError(f"{self.path} is not a metaray run directory (no config.yaml)")
-        return validate(yaml.safe_load(self.config_path.read_text()) or {}, str(self.config_path))
+        return load_config(self.config_path)
 
     def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config, keep: int) -> Path:
         """Write checkpoint N atomically with a checksum, then delete all but the newest ``keep``.
@@ -135,9 +151,13 @@ class RunDir:
             raise ConfigError(f"checkpoint {path} is corrupt: its checksum does not match "
                               f"(truncated or damaged, {len(data)} bytes)")
         try:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as err:
             raise ConfigError(f"checkpoint {path} cannot be read: {err}") from None
+        problem = _contents_problem(checkpoint)
+        if problem:  # a valid checksum only says the bytes are what was written
+            raise ConfigError(f"checkpoint {path} has bad contents: {problem}")
+        return checkpoint
 
     def latest_checkpoint(self) -> dict[str, Any]:
         """The newest checkpoint; a damaged newest one is an error, never silently skipped."""
@@ -149,6 +169,22 @@ class RunDir:
         except ConfigError as err:
             hint = f"; delete it to resume from {files[-2].name}" if len(files) > 1 else ""
             raise ConfigError(f"{err}{hint}") from None
+
+    def load_model(self) -> tuple[Config, dict[str, Any]]:
+        """config.yaml and the newest checkpoint, refused unless they describe the same run: an
+        edited config fails here, before Ray or a replica starts, not as a traceback later."""
+        config = self.load_config()
+        checkpoint = self.latest_checkpoint()
+        source = self.checkpoint_files()[-1]
+        try:
+            saved = validate(checkpoint["config"], f"the config inside {source}")
+        except ConfigError as err:
+            raise ConfigError(f"checkpoint {source} has bad contents: {err}") from None
+        changed = config_changes(saved, config, may_change=SAFE_TO_CHANGE)
+        if changed:
+            raise ConfigError(f"{self.config_path} does not match its checkpoint {source.name} in {', '.join(changed)} "
+                              "(edited after training?); restore it, or train again")
+        return config, checkpoint
 
     @property
     def tasks_path(self) -> Path:
@@ -181,6 +217,44 @@ class RunDir:
         """Fold the part files into metrics.parquet and tasks.parquet (end of a run)."""
         compact_rows(self.tasks_path)
         compact_rows(self.metrics_path)
+
+
+SAFE_TO_CHANGE = ("outer.iterations", "checkpoint.", "eval.", "resources.")
+"""Config fields that do not describe the model or its training arithmetic (but
+``resources.torch_threads``, which changes the arithmetic: see ``--resume``)."""
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: Config, new: Config, may_change: tuple[str, ...]) -> list[str]:
+    """Dotted names of the fields that differ, but those starting with one of ``may_change``."""
+    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(may_change)]
+
+
+def _contents_problem(checkpoint: Any) -> str | None:
+    """What is wrong with a loaded checkpoint's structure, or None."""
+    if not isinstance(checkpoint, dict):
+        return f"a {type(checkpoint).__name__}, not a mapping"
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        return f"format {str(checkpoint.get('format'))[:20]!r}, this metaray reads format {CHECKPOINT_FORMAT}"
+    iteration = checkpoint.get("iteration")
+    if type(iteration) is not int or iteration < 0:
+        return f"iteration {str(iteration)[:20]!r} is not a non-negative integer"
+    params = checkpoint.get("params")
+    if not isinstance(params, torch.Tensor) or params.dim() != 1 or not params.is_floating_point():
+        return "no params (a 1-D floating-point tensor)"
+    if not isinstance(checkpoint.get("config"), dict):
+        return "no config"
+    return None
 
 
 FANOUT = 16  # parts of one size merged at once

@@ -23,7 +23,7 @@ from metaray.runtime.pool import WorkerPool
 from metaray.runtime.worker import start_workers
 from metaray.tasks import Task, TaskFamily
 from metaray.training.progress import FAULT_KEYS, LineProgress, Progress
-from metaray.training.run_dir import RunDir, write_rows
+from metaray.training.run_dir import SAFE_TO_CHANGE, RunDir, config_changes, write_rows
 from metaray.training.tensorboard import EventLog
 
 Log = Callable[[str], None]
@@ -100,27 +100,12 @@ def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, 
             f"{config.outer.optimizer!r}")
 
 
-RESUMABLE = ("outer.iterations", "checkpoint.", "eval.", "resources.")
-"""What ``--resume`` may change: none of it changes a completed iteration's arithmetic (but
-``resources.torch_threads``, which does and is excluded)."""
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "options":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(saved: Config, config: Config, checkpoint_iteration: int, source: str) -> None:
     """Refuse a resume whose config would not continue the same run (naming the fields), or that
     asks for fewer iterations than the checkpoint already holds."""
-    old, new = _flat(saved.model_dump(mode="json")), _flat(config.model_dump(mode="json"))
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
-               and (not k.startswith(RESUMABLE) or k == "resources.torch_threads")]
+    changed = config_changes(saved, config, may_change=SAFE_TO_CHANGE)
+    if saved.resources.torch_threads != config.resources.torch_threads:
+        changed = sorted([*changed, "resources.torch_threads"])
     if changed:
         raise ConfigError(f"--resume {source}: cannot change {', '.join(changed)} (the resumed run would not "
                           f"equal an uninterrupted one); outer.iterations, checkpoint.*, eval.* and resources.* "
