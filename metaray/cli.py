@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from metaray.config import ConfigError, load_config, preset_names
+from metaray.config import ConfigError, load_config, preset_names, validate
 
 if TYPE_CHECKING:
     from metaray.training.run_dir import RunDir
@@ -93,7 +93,10 @@ def train(
             run = RunDir(resume)
             run.load_config()  # a run directory, before a lock file is made in it
             stack.enter_context(run.lock("metaray train --resume"))
-            saved, checkpoint = run.load_model()
+            _, checkpoint = run.load_model()
+            # Compared with the checkpoint's own config: config.yaml may differ from it where an
+            # evaluation may (resources.*), but a resume may not (resources.torch_threads).
+            saved = validate(checkpoint["config"], f"the config inside {run.checkpoint_files()[-1]}")
             cfg = load_config(run.config_path, set_ or [])
         else:
             if config is None:
@@ -147,13 +150,14 @@ def train(
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
-    tasks: Annotated[int, typer.Option(min=1, help="Held-out tasks.")] = 40,
+    tasks: Annotated[int, typer.Option(min=1, max=10_000, help="Held-out tasks.")] = 40,
     steps: Annotated[int, typer.Option(min=0, max=50, help="Adaptation steps (0..K are reported).")] = 3,
-    seed: Annotated[int | None, typer.Option(help="Seed of the held-out stream (default: the run's).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
+                                             help="Seed of the held-out stream (default: the run's).")] = None,
     baselines: Annotated[str | None, typer.Option(
         help="Also evaluate baselines on the same tasks: random, pretrained, ppo or all, comma-separated; "
              "bare --baselines means random,pretrained.")] = None,
-    ppo_budget: Annotated[int, typer.Option(min=1, help="Env steps PPO may take per task.")] = 200_000,
+    ppo_budget: Annotated[int, typer.Option(min=1, max=10**9, help="Env steps PPO may take per task.")] = 200_000,
     ppo_tasks: Annotated[int | None, typer.Option(
         min=1, help="Run PPO on the first N held-out tasks only (default: all; PPO is costly).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -176,11 +180,14 @@ def eval_(
 
         from metaray.core.task_worker import TaskWorker
         from metaray.evaluation.comparisons import evaluate_with_baselines
-        from metaray.runtime.cluster import ray_session
+        from metaray.limits import check_embedded, estimate_memory
+        from metaray.runtime.cluster import ray_session, resolve_address
         from metaray.training.progress import make_progress
         from metaray.training.trainer import check_compatible, save_eval
 
         cfg, ckpt = rd.load_model()  # checked against each other before Ray starts
+        if not resolve_address(address):  # its workers on this machine: as for train
+            check_embedded(cfg, estimate_memory(cfg, embedded=True))
         check_compatible(ckpt, cfg, TaskWorker(cfg).n_params, str(rd.checkpoint_files()[-1]))
         if not torch.isfinite(ckpt["params"]).all():
             raise ConfigError(f"{rd.checkpoint_files()[-1]} holds non-finite (NaN or inf) parameters: "
@@ -245,7 +252,7 @@ def serve_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     host: Annotated[str, typer.Option(help="HTTP bind address (0.0.0.0 to listen on every interface).")] = "127.0.0.1",
-    replicas: Annotated[int, typer.Option(min=1, help="Serve replicas of the meta-policy.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, max=256, help="Serve replicas of the meta-policy.")] = 1,
     cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs reserved per replica.")] = 1.0,
     address: AddressOpt = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get 413.")] = 2**20,
@@ -456,7 +463,7 @@ def main() -> None:
 
 
 def _working_dir_on_path() -> None:
-    """Put the working directory first on sys.path, as ``python -m metaray.cli`` does.
+    """Put the working directory on sys.path (last), as ``python -m metaray.cli`` does (first).
 
     The installed ``metaray`` script has its own bin directory there instead, so a config's
     ``module:Class`` (task.family, algorithm) would not find a module of the working directory.
@@ -470,7 +477,8 @@ def _working_dir_on_path() -> None:
     except OSError:  # the working directory was removed: nothing to import from it
         return
     if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+        # Last, not first: a ray.py or numpy.py lying in the directory must not shadow a dependency.
+        sys.path.append(cwd)
 
 
 if __name__ == "__main__":

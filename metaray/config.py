@@ -152,7 +152,7 @@ class ResourcesConfig(_Section):
     """spread: one worker per node where possible; pack: Ray's default, filling a node first."""
     worker_resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each worker needs (e.g. {"spot": 1} to land on labelled nodes)."""
-    task_timeout_s: float | None = Field(None, gt=0)
+    task_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     """Dispatch a task again on another worker when it runs longer than this (None: never)."""
     min_valid_fraction: float = Field(0.5, gt=0, le=1)
     """Retry the iteration when fewer of its task results than this fraction are finite."""
@@ -161,9 +161,9 @@ class ResourcesConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(10, ge=1)
+    every: int = Field(10, ge=1, le=1_000_000)
     """Write a checkpoint every N iterations (and always at the end)."""
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, le=10_000)
     """Newest checkpoints kept; older ones are deleted."""
 
 

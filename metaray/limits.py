@@ -352,10 +352,24 @@ def available_memory() -> int | None:
         except OSError:
             continue
         if limit.isdigit() and usage.isdigit():
-            room = int(limit) - int(usage)
+            # Page cache is reclaimable: count the working set, as the kubelet does.
+            room = int(limit) - int(usage) + _inactive_file(Path(limit_file).parent / "memory.stat")
             avail = room if avail is None else min(avail, room)
         break
     return avail
+
+
+def _inactive_file(stat_file: Path) -> int:
+    """Reclaimable page cache from a cgroup's memory.stat (v2 ``inactive_file``, v1
+    ``total_inactive_file``); 0 when unknown."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def _skipped() -> bool:

@@ -41,6 +41,13 @@ def test_overwrite_replaces_only_a_metaray_run_directory(tmp_path: Path):
     err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(tmp_path / "link"),
                                         "--overwrite"))
     assert "is a symbolic link" in err and run.config_path.is_file()
+    # Another tool's run: a config.yaml and checkpoints/ of its own.
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.yaml").write_text("seed: 3\n")
+    (other / "checkpoints" / "epoch=9.ckpt").write_text("weights")
+    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(other), "--overwrite"))
+    assert "checkpoints/'epoch=9.ckpt'" in err and (other / "checkpoints" / "epoch=9.ckpt").is_file()
     (tmp_path / "file").write_text("x")
     err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(tmp_path / "file")))
     assert "is a file, not a directory" in err and (tmp_path / "file").read_text() == "x"
@@ -105,6 +112,8 @@ def test_checkpoint_with_a_valid_checksum_but_bad_contents(nav_run: Path, tmp_pa
     for broken, words in [({k: v for k, v in good.items() if k != "params"}, "no params"),
                           ({**good, "iteration": "7"}, "iteration '7' is not a non-negative integer"),
                           ({**good, "params": torch.zeros(3, 3)}, "no params"),
+                          ({**good, "params": good["params"].half()}, "no params"),
+                          ({**good, "optimizer": {"lr": 1}}, "not a torch optimizer's state_dict"),
                           ([1, 2, 3], "a list, not a mapping")]:
         _write_raw_checkpoint(newest, broken)
         for command in (["eval", str(run)], ["serve", str(run)], ["train", "--resume", str(run)]):
@@ -123,6 +132,18 @@ def test_eval_and_serve_refuse_a_config_edited_after_training(nav_run: Path, tmp
         err = _one_line_usage_error(run_cli(command, str(run), timeout=120))
         assert "does not match its checkpoint" in err and "policy.hidden_sizes" in err and "seed" in err, err
     assert (run / "eval.parquet").read_bytes() == before
+
+
+def test_resume_refuses_torch_threads_edited_into_config_yaml(nav_run: Path, tmp_path: Path):
+    """eval may run a run with other resources, a resume may not change torch_threads: it is
+    checked against the checkpoint's own config, not config.yaml."""
+    run = tmp_path / "nav"
+    shutil.copytree(nav_run, run)
+    text = (run / "config.yaml").read_text()
+    assert "torch_threads: 1\n" in text
+    (run / "config.yaml").write_text(text.replace("torch_threads: 1\n", "torch_threads: 2\n"))
+    err = _one_line_usage_error(run_cli("train", "--resume", str(run), "--set", "outer.iterations=40"))
+    assert "cannot change resources.torch_threads" in err, err
 
 
 def _metrics_iterations(run: Path) -> list[int]:

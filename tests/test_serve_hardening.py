@@ -155,7 +155,11 @@ def test_an_empty_or_missing_token_is_a_usage_error(tmp_path, how):
     proc = subprocess.run([sys.executable, "-m", "metaray.cli", "serve", str(tmp_path / "run"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("error: ") and ("empty" in proc.stderr or "No such file" in proc.stderr)
+    expected = {"empty file": "is empty; refusing to serve with an empty bearer token",
+                "missing file": "No such file", "empty env": "METARAY_SERVE_TOKEN is empty"}[how]
+    # The run directory does not exist either: the token must be what is refused.
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert "not a metaray run directory" not in proc.stderr
 
 
 def test_serve_args_keep_room_for_health_checks():

@@ -86,11 +86,45 @@ class RunDir:
         entries = sorted(e.name for e in self.path.iterdir() if e.name != LOCK_NAME) if self.path.is_dir() else []
         if entries and not overwrite:
             raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
-        foreign = [name for name in entries if not RUN_ENTRIES.fullmatch(name)]
-        if entries and (foreign or not self.config_path.is_file()):
-            why = f"it holds {foreign[0]!r}" if foreign else "it has no config.yaml"
+        why = entries and self._not_a_run(entries)
+        if why:
             raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.path} is not one "
                               f"({why}); nothing was deleted")
+
+    def _not_a_run(self, entries: list[str]) -> str | None:
+        """Why the directory is not one metaray wrote (other tools write config.yaml and
+        checkpoints/ too), looking into the folders a run has; None if it is one."""
+        foreign = [name for name in entries if not RUN_ENTRIES.fullmatch(name)]
+        if foreign:
+            return f"it holds {foreign[0]!r}"
+        if not self.config_path.is_file():
+            return "it has no config.yaml"
+        try:
+            self.load_config()
+        except ConfigError:
+            return "its config.yaml is not a metaray config"
+        inside = {"checkpoints": re.compile(r"checkpoint_\d{6}\.pt|\..+\.tmp"),
+                  "metrics.parts": re.compile(r"\d+-\d+\.parquet|\..+\.tmp"),
+                  "tasks.parts": re.compile(r"\d+-\d+\.parquet|\..+\.tmp"),
+                  "baselines": re.compile(r"pretrained")}
+        for folder, allowed in inside.items():
+            path = self.path / folder
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                return f"its {folder} is not a directory"
+            for entry in path.iterdir() if path.is_dir() else []:
+                if not allowed.fullmatch(entry.name) or entry.is_symlink():
+                    return f"it holds {folder}/{entry.name!r}"
+                if folder == "checkpoints" and entry.suffix == ".pt":
+                    with entry.open("rb") as f:
+                        if f.read(len(_MAGIC)) != _MAGIC:
+                            return f"{folder}/{entry.name} is not a metaray checkpoint"
+                if folder == "baselines":
+                    sub = RunDir(entry)
+                    names = sorted(e.name for e in entry.iterdir() if e.name != LOCK_NAME) if entry.is_dir() else [""]
+                    why = names and sub._not_a_run(names)
+                    if why:
+                        return f"baselines/pretrained is not a run directory: {why}"
+        return None
 
     def prepare(self, config: Config, overwrite: bool) -> None:
         """Empty the directory as ``check_target`` allows (the lock file stays: its holder is the
@@ -250,8 +284,12 @@ def _contents_problem(checkpoint: Any) -> str | None:
     if type(iteration) is not int or iteration < 0:
         return f"iteration {str(iteration)[:20]!r} is not a non-negative integer"
     params = checkpoint.get("params")
-    if not isinstance(params, torch.Tensor) or params.dim() != 1 or not params.is_floating_point():
-        return "no params (a 1-D floating-point tensor)"
+    if (not isinstance(params, torch.Tensor) or params.dim() != 1 or params.requires_grad
+            or params.dtype not in (torch.float32, torch.float64)):
+        return "no params (a 1-D float32 or float64 tensor)"
+    optimizer = checkpoint.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and {"state", "param_groups"} <= optimizer.keys()):
+        return "an optimizer state that is not a torch optimizer's state_dict"
     if not isinstance(checkpoint.get("config"), dict):
         return "no config"
     return None

@@ -59,10 +59,14 @@ def run_lock(run_dir: Path, command: str) -> Iterator[bool]:
             return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Shared on a read-only descriptor (NFS emulates flock with fcntl locks, which need a
+            # writable one for LOCK_EX): it still conflicts with a writer's exclusive lock.
+            fcntl.flock(fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunDirBusyError(f"run directory {run_dir} is in use by {_holder(fd)}; wait for it to finish "
                                   "or stop it (a lock of a process that died is taken over)") from None
+        except OSError as err:  # ENOLCK: a file system without working locks (NFS without lockd)
+            raise ConfigError(f"cannot lock run directory {run_dir}: {err.strerror or err}") from None
         if writable:
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
