@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from metaray.config import ConfigError, load_config, preset_names, validate
+from metaray.config import ConfigError, load_config, load_config_text, preset_names, validate
 
 if TYPE_CHECKING:
     from metaray.training.run_dir import RunDir
@@ -71,6 +72,8 @@ def train(
     address: AddressOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its newest checkpoint.")] = None,
+    config_env: Annotated[str | None, typer.Option(
+        help="Read the config's YAML from this environment variable instead (what a submitted job does).")] = None,
 ) -> None:
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
@@ -87,9 +90,9 @@ def train(
         if cluster:
             check_reachable(cluster)  # before anything is written
         if resume is not None:
-            if config is not None or output is not None or overwrite:
+            if config is not None or config_env is not None or output is not None or overwrite:
                 raise ConfigError("--resume RUN_DIR takes its config and directory from the run; "
-                                  "give no CONFIG, --output or --overwrite (--set still applies)")
+                                  "give no CONFIG, --config-env, --output or --overwrite (--set still applies)")
             run = RunDir(resume)
             run.load_config()  # a run directory, before a lock file is made in it
             stack.enter_context(run.lock("metaray train --resume"))
@@ -98,11 +101,19 @@ def train(
             # evaluation may (resources.*), but a resume may not (resources.torch_threads).
             saved = validate(checkpoint["config"], f"the config inside {run.checkpoint_files()[-1]}")
             cfg = load_config(run.config_path, set_ or [])
+        elif config_env is not None:
+            if config is not None:
+                raise ConfigError("give a CONFIG or --config-env, not both")
+            if config_env not in os.environ:
+                raise ConfigError(f"--config-env {config_env}: no such environment variable")
+            cfg = load_config_text(os.environ[config_env], f"the config in ${config_env}", set_ or [])
+            name = "job"
         else:
             if config is None:
                 raise ConfigError("give a CONFIG (preset name or YAML file), or --resume RUN_DIR")
             cfg = load_config(config, set_ or [])
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+        if resume is None:
             run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             run.check_target(overwrite)  # a file, a symlink, foreign content: refused, nothing touched
         # What the run will hold, against what this machine has: before the policy is built, and
@@ -265,7 +276,6 @@ def serve_(
     import signal
 
     def run() -> None:
-        import os
 
         from ray import serve
 
@@ -340,10 +350,11 @@ def runs_compare(
 
 @app.command()
 def submit(
-    config: Annotated[str, typer.Argument(help="Preset name, or a YAML file inside the working directory.")],
+    config: Annotated[str, typer.Argument(help="Preset name or YAML file (anywhere: it is sent resolved).")],
     address: Annotated[str | None, typer.Option(help="Job server, http://HOST:8265.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key.path=value, repeatable.")] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Run dir on the cluster.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o",
+                                               help="Run dir on the cluster; default runs/NAME-TIME.")] = None,
     working_dir: Annotated[str | None, typer.Option(help="Directory uploaded as the job's working dir.")] = ".",
     pip: Annotated[list[str] | None, typer.Option(help="pip requirement installed for the job, repeatable.")] = None,
     runtime_env: Annotated[Path | None, typer.Option(help="Runtime environment YAML (merged first).")] = None,
@@ -355,15 +366,13 @@ def submit(
     def run() -> None:
         from metaray.service import jobs
 
-        load_config(config, set_ or [])  # validate here: a typo fails now, not on the cluster
-        if config.endswith((".yaml", ".yml")) and working_dir is not None:
-            inside = Path(config).resolve().is_relative_to(Path(working_dir).resolve())
-            if Path(config).is_absolute() or not inside:
-                raise ConfigError(f"config file {config} must be a relative path inside the working directory "
-                                  f"{working_dir}, which is what the job sees")
-        env = jobs.build_runtime_env(runtime_env, working_dir or None, pip or [])
+        # Validated and resolved here, from wherever the file is: the job runs exactly this config.
+        cfg = load_config(config, set_ or [])
+        name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
+        out = output or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        env = jobs.train_runtime_env(jobs.build_runtime_env(runtime_env, working_dir or None, pip or []), cfg)
         client = jobs.job_client(address)
-        job_id = jobs.submit(client, jobs.train_entrypoint(config, set_ or [], output), env)
+        job_id = jobs.submit(client, jobs.train_entrypoint(out), env)
         typer.echo(f"submitted job {job_id}")
         if no_wait:
             return
@@ -470,8 +479,6 @@ def _working_dir_on_path() -> None:
     A config naming one imports it: it is as trusted as a Python file. Ray's workers get the
     driver's working directory on their path from Ray itself (a local or embedded cluster).
     """
-    import os
-
     try:
         cwd = os.getcwd()
     except OSError:  # the working directory was removed: nothing to import from it

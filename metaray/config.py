@@ -238,6 +238,13 @@ def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
             )
         text = (resources.files("metaray") / "presets" / f"{name}.yaml").read_text()
         label = f"preset {name}"
+    return _parse(text, label), label
+
+
+def _parse(text: str, label: str) -> dict[str, Any]:
+    """The mapping a config's YAML text holds, read within bounds; ConfigError naming ``label``."""
+    if len(text) > 2**20:
+        raise ConfigError(f"{label} is larger than 1 MiB")
     try:
         data = load_yaml(text)  # bounded: size after alias expansion, depth, integer length
     except InputLimitError as err:
@@ -253,7 +260,7 @@ def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label} must hold a mapping of config sections, not {type(data).__name__}")
-    return data, label
+    return data
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -318,6 +325,14 @@ def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = ())
     """Load a preset name or YAML path, apply overrides, validate; raises ConfigError."""
     data, label = _read_source(source)
     data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, label + (" with --set overrides" if overrides else ""))
+
+
+def load_config_text(text: str, label: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """As ``load_config``, for YAML text that is not in a file (a submitted job's resolved config)."""
+    data = _parse(text, label)
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(data, label + (" with --set overrides" if overrides else ""))

@@ -98,3 +98,16 @@ def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init_log_std": 0.0}
     assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == optimizer
+
+
+def test_config_env_is_what_a_submitted_job_reads(tmp_path: Path, monkeypatch):
+    """`train --config-env VAR` (a job's resolved config) is checked like a file: bad input is
+    one line naming the variable, exit 2, nothing written."""
+    monkeypatch.setenv("METARAY_TEST_CONFIG", "seed: -1\n")
+    for args, words in [(["--config-env", "METARAY_TEST_CONFIG"], "the config in $METARAY_TEST_CONFIG: seed"),
+                        (["--config-env", "METARAY_NO_SUCH_VARIABLE"], "no such environment variable"),
+                        (["quickstart", "--config-env", "METARAY_TEST_CONFIG"], "not both")]:
+        proc = run_cli("train", *args, "--output", str(tmp_path / "run"))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "run").exists()

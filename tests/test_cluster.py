@@ -120,15 +120,24 @@ def test_training_through_ray_client_uses_every_node(loopback_cluster, tmp_path)
 
 
 def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
+    """A config file outside the working directory (which is uploaded): it is validated and
+    resolved where it is submitted, and the job runs exactly that config."""
+    from metaray.config import load_config
+
+    elsewhere = tmp_path / "elsewhere" / "my-run.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("seed: 11\ninner:\n  lr: 0.05\n")
     out = tmp_path / "job-run"
     start = time.monotonic()
-    proc = run_cli("submit", "quickstart", *SHORT, "--output", str(out), "--address", loopback_cluster.dashboard_url,
-                   "--follow")
+    proc = run_cli("submit", str(elsewhere), *SHORT, "--output", str(out), "--address",
+                   loopback_cluster.dashboard_url, "--follow")
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
     assert "iter    2/2" in proc.stdout and f"job {job_id} SUCCEEDED" in proc.stdout
-    assert len(pq.read_table(out / "metrics.parquet")) == 2 and (out / "config.yaml").is_file()
+    assert len(pq.read_table(out / "metrics.parquet")) == 2
+    resolved = load_config(elsewhere, [a for a in SHORT if a not in ("--set", "-s")])
+    assert load_config(out / "config.yaml") == resolved and resolved.seed == 11
     print(f"submitted job wall time {wall:.1f}s")
     status = run_cli("jobs", "status", job_id, "--address", loopback_cluster.dashboard_url)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout

@@ -15,6 +15,8 @@ import yaml
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+    from metaray.config import Config
+
 from metaray.config import ConfigError
 
 DEFAULT_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
@@ -54,13 +56,21 @@ def build_runtime_env(runtime_env_file: Path | None, working_dir: str | None, pi
     return env
 
 
-def train_entrypoint(config: str, overrides: list[str], output: str | None) -> str:
-    args = ["python", "-m", "metaray.cli", "train", config]
-    for o in overrides:
-        args += ["--set", o]
-    if output:
-        args += ["--output", output]
-    return shlex.join(args)
+CONFIG_ENV = "METARAY_JOB_CONFIG"
+"""The job's resolved config (YAML), in its runtime environment: the job runs exactly what was
+validated where it was submitted, and the config is in the job's metadata for the record."""
+
+
+def train_runtime_env(env: dict[str, Any], config: Config) -> dict[str, Any]:
+    """``env`` with the resolved config added to its environment variables."""
+    from metaray.config import dump_config
+
+    return {**env, "env_vars": {**env.get("env_vars", {}), CONFIG_ENV: dump_config(config)}}
+
+
+def train_entrypoint(output: str) -> str:
+    """``metaray train`` of the config the runtime environment carries, into ``output``."""
+    return shlex.join(["python", "-m", "metaray.cli", "train", "--config-env", CONFIG_ENV, "--output", output])
 
 
 def submit(client: JobSubmissionClient, entrypoint: str, runtime_env: dict[str, Any],
