@@ -7,7 +7,6 @@ typo fails in a second with the field's name rather than an hour into a run.
 
 from __future__ import annotations
 
-import copy
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from metaray.limits import InputLimitError, load_yaml, one_line, read_text, short_repr
+from metaray.limits import MAX_CONFIG_BYTES, InputLimitError, load_yaml, one_line, read_text, short_repr
 
 MAX_LAYERS, MAX_WIDTH = 8, 4096
 """policy.hidden_sizes: at most 8 hidden layers of at most 4096 units (about 120M parameters at most)."""
@@ -243,8 +242,8 @@ def _read_source(source: str | Path) -> tuple[dict[str, Any], str]:
 
 def _parse(text: str, label: str) -> dict[str, Any]:
     """The mapping a config's YAML text holds, read within bounds; ConfigError naming ``label``."""
-    if len(text) > 2**20:
-        raise ConfigError(f"{label} is larger than 1 MiB")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{label} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
     try:
         data = load_yaml(text)  # bounded: size after alias expansion, depth, integer length
     except InputLimitError as err:
@@ -323,16 +322,16 @@ def validate(data: dict[str, Any], label: str = "config") -> Config:
 
 def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset name or YAML path, apply overrides, validate; raises ConfigError."""
-    data, label = _read_source(source)
-    data = copy.deepcopy(data)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return validate(data, label + (" with --set overrides" if overrides else ""))
+    data, label = _read_source(source)  # parsed afresh: overrides may change it in place
+    return _with_overrides(data, label, overrides)
 
 
 def load_config_text(text: str, label: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """As ``load_config``, for YAML text that is not in a file (a submitted job's resolved config)."""
-    data = _parse(text, label)
+    return _with_overrides(_parse(text, label), label, overrides)
+
+
+def _with_overrides(data: dict[str, Any], label: str, overrides: list[str] | tuple[str, ...]) -> Config:
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(data, label + (" with --set overrides" if overrides else ""))
