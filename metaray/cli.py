@@ -28,6 +28,12 @@ AddressOpt = Annotated[
     typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, "
                       "else an embedded local Ray)."),
 ]
+AuthTokenOpt = Annotated[
+    Path | None,
+    typer.Option(help="File holding the Ray cluster's token, for clusters started with RAY_AUTH_MODE=token; "
+                      "turns RAY_AUTH_MODE=token on here (default: Ray's own sources, with RAY_AUTH_MODE=token: "
+                      "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).", show_default=False),
+]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -52,6 +58,10 @@ def _run_guarded(fn: Callable[[], T]) -> T:
         raise _fail(str(err), 2) from None
     except (UnreachableClusterError, ExposedRayError, ConnectionError, *run_failures) as err:
         raise _fail(str(err), 1) from None
+    except ray.exceptions.AuthenticationError:  # Ray's own (multi-line) refusal, where no check came first
+        from metaray.runtime.auth import failure
+
+        raise _fail(str(failure(None)), 1) from None
     except ray.exceptions.RayTaskError as err:
         cause: BaseException | None = err
         while cause is not None:  # a worker's error arrives wrapped by the learner's
@@ -68,24 +78,28 @@ def _run_guarded(fn: Callable[[], T]) -> T:
 def train(
     config: Annotated[str | None, typer.Argument(help="Preset name or path to a YAML config.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key.path=value, repeatable.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run dir; default runs/NAME-TIME.")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", help="Run dir: a path, s3://BUCKET/PREFIX, gs://... (default runs/NAME-TIME).")] = None,
     address: AddressOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
-    resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its newest checkpoint.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue RUN_DIR from its newest checkpoint.")] = None,
     config_env: Annotated[str | None, typer.Option(
         help="Read the config's YAML from this environment variable instead (what a submitted job does).")] = None,
+    auth_token_file: AuthTokenOpt = None,
 ) -> None:
     """Meta-train a policy and report held-out pre- and post-adaptation returns."""
 
     def run(stack: ExitStack) -> None:
         from metaray.core.task_worker import TaskWorker
         from metaray.limits import check_cluster, check_embedded, estimate_memory
+        from metaray.runtime.auth import use_token_file
         from metaray.runtime.cluster import check_reachable, ray_session, resolve_address
         from metaray.training.progress import make_progress
         from metaray.training.run_dir import RunDir
         from metaray.training.trainer import check_compatible, check_resumable
         from metaray.training.trainer import train as train_loop
 
+        use_token_file(auth_token_file)  # a bad file is a usage error, before anything else
         cluster = resolve_address(address)
         if cluster:
             check_reachable(cluster)  # before anything is written
@@ -99,7 +113,7 @@ def train(
             _, checkpoint = run.load_model()
             # Compared with the checkpoint's own config: config.yaml may differ from it where an
             # evaluation may (resources.*), but a resume may not (resources.torch_threads).
-            saved = validate(checkpoint["config"], f"the config inside {run.checkpoint_files()[-1]}")
+            saved = validate(checkpoint["config"], run.shown(f"the config inside {run.checkpoint_files()[-1]}"))
             cfg = load_config(run.config_path, set_ or [])
         elif config_env is not None:
             if config is not None:
@@ -114,7 +128,7 @@ def train(
             cfg = load_config(config, set_ or [])
             name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         if resume is None:
-            run = RunDir(output or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run = RunDir(output or str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
             run.check_target(overwrite)  # a file, a symlink, foreign content: refused, nothing touched
         # What the run will hold, against what this machine has: before the policy is built, and
         # before anything is written (a cluster's memory is checked once connected, below).
@@ -124,8 +138,8 @@ def train(
         runner = TaskWorker(cfg)  # builds the family and one env: bad input fails before anything is written
         if resume is not None:
             # A damaged, incompatible or diverging resume fails here, before anything is written.
-            check_compatible(checkpoint, cfg, runner.n_params, str(run.checkpoint_files()[-1]))
-            check_resumable(saved, cfg, int(checkpoint["iteration"]), str(run.path))
+            check_compatible(checkpoint, cfg, runner.n_params, run.shown(str(run.checkpoint_files()[-1])))
+            check_resumable(saved, cfg, int(checkpoint["iteration"]), run.where)
 
         def write_run_dir() -> None:
             if resume is not None:
@@ -134,7 +148,7 @@ def train(
                 run.path.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(run.lock("metaray train"))  # held until the run is over
                 run.prepare(cfg, overwrite)
-            typer.echo(f"run directory: {run.path}")
+            typer.echo(f"run directory: {run.where}")
 
         if not cluster:
             write_run_dir()  # before the embedded Ray starts: a bad --output fails in a second
@@ -160,7 +174,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by train (a path or a URI).")],
     tasks: Annotated[int, typer.Option(min=1, max=10_000, help="Held-out tasks.")] = 40,
     steps: Annotated[int, typer.Option(min=0, max=50, help="Adaptation steps (0..K are reported).")] = 3,
     seed: Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
@@ -173,16 +187,22 @@ def eval_(
         min=1, help="Run PPO on the first N held-out tasks only (default: all; PPO is costly).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     address: AddressOpt = None,
+    auth_token_file: AuthTokenOpt = None,
 ) -> None:
     """Adapt the final meta-policy on held-out tasks for 0..K steps (MAML paper protocol); write eval.parquet."""
 
     def run() -> None:
         from metaray.evaluation.comparisons import parse_names
+        from metaray.runtime.auth import use_token_file
+        from metaray.runtime.cluster import check_reachable, resolve_address
         from metaray.training.run_dir import RunDir
 
+        use_token_file(auth_token_file)
         names = parse_names(baselines) if baselines is not None else []
         rd = RunDir(run_dir)
         rd.load_config()  # a run directory, before a lock file is made in it
+        if cluster := resolve_address(address):
+            check_reachable(cluster)  # a refused token, before the run is locked
         with rd.lock("metaray eval"):  # eval.parquet and the pretrained baseline are written into the run
             _evaluate(rd, names)
 
@@ -199,9 +219,9 @@ def eval_(
         cfg, ckpt = rd.load_model()  # checked against each other before Ray starts
         if not resolve_address(address):  # its workers on this machine: as for train
             check_embedded(cfg, estimate_memory(cfg, embedded=True))
-        check_compatible(ckpt, cfg, TaskWorker(cfg).n_params, str(rd.checkpoint_files()[-1]))
+        check_compatible(ckpt, cfg, TaskWorker(cfg).n_params, rd.shown(str(rd.checkpoint_files()[-1])))
         if not torch.isfinite(ckpt["params"]).all():
-            raise ConfigError(f"{rd.checkpoint_files()[-1]} holds non-finite (NaN or inf) parameters: "
+            raise ConfigError(f"{rd.shown(str(rd.checkpoint_files()[-1]))} holds non-finite (NaN or inf) parameters: "
                               "nothing to evaluate")
         eval_seed = cfg.seed if seed is None else seed
         # With --json, stdout carries the JSON alone; progress goes to stderr.
@@ -212,14 +232,14 @@ def eval_(
         # The results are printed before eval.parquet is written: a run directory that cannot be
         # written (read-only, full) loses nothing that was computed.
         if as_json:
-            out = {"run_dir": str(run_dir), "iteration": int(ckpt["iteration"]), "seed": eval_seed,
+            out = {"run_dir": rd.where, "iteration": int(ckpt["iteration"]), "seed": eval_seed,
                    **results["metaray"].to_json()}
             if names:
                 out["baselines"] = summary
             sys.stdout.write(json.dumps(out) + "\n")
             sys.stdout.flush()
         else:
-            _print_eval(run_dir, ckpt, tasks, steps, eval_seed, results, summary)
+            _print_eval(rd.where, ckpt, tasks, steps, eval_seed, results, summary)
         try:
             save_eval(rd, results, int(ckpt["iteration"]), eval_seed, ppo_rows)
         except OSError as err:
@@ -231,7 +251,7 @@ def eval_(
     _run_guarded(run)
 
 
-def _print_eval(run_dir: Path, ckpt: dict, tasks: int, steps: int, eval_seed: int, results: dict,
+def _print_eval(run_dir: str, ckpt: dict, tasks: int, steps: int, eval_seed: int, results: dict,
                 summary: dict) -> None:
     """The evaluation as a table: mean ± stderr per adaptation step, one column per policy."""
     typer.echo(f"{run_dir} at iteration {ckpt['iteration']}: {tasks} held-out tasks, seed {eval_seed}")
@@ -249,7 +269,7 @@ def _print_eval(run_dir: Path, ckpt: dict, tasks: int, steps: int, eval_seed: in
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")]) -> None:
+def report(run_dir: Annotated[str, typer.Argument(help="A run directory written by train (a path or a URI).")]) -> None:
     """Write PNG plots (learning curve; adaptation curve with baselines once evaluated) into RUN_DIR."""
     from metaray.evaluation.report import report as make_report
     from metaray.training.run_dir import RunDir
@@ -260,17 +280,18 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
 @app.command("serve")
 def serve_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by train (a path or a URI).")],
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     host: Annotated[str, typer.Option(help="HTTP bind address (0.0.0.0 to listen on every interface).")] = "127.0.0.1",
     replicas: Annotated[int, typer.Option(min=1, max=256, help="Serve replicas of the meta-policy.")] = 1,
     cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs reserved per replica.")] = 1.0,
     address: AddressOpt = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get 413.")] = 2**20,
-    auth_token_file: Annotated[Path | None, typer.Option(
+    service_token_file: Annotated[Path | None, typer.Option(
         help="File holding a bearer token every request but GET /healthz must carry (default: the "
              "METARAY_SERVE_TOKEN environment variable; neither: no token).")] = None,
     openapi: Annotated[bool, typer.Option("--openapi", help="Serve /docs, /redoc and /openapi.json.")] = False,
+    auth_token_file: AuthTokenOpt = None,
 ) -> None:
     """Serve the meta-policy on Ray Serve: POST /adapt adapts it to a task, GET /healthz names it."""
     import signal
@@ -279,22 +300,24 @@ def serve_(
 
         from ray import serve
 
+        from metaray.runtime.auth import use_token_file
         from metaray.runtime.cluster import ray_session
         from metaray.service.serve import build_app, load_token, proxy_env
         from metaray.training.run_dir import RunDir
 
-        token_file = str(auth_token_file.resolve()) if auth_token_file is not None else None
+        token_file = str(service_token_file.resolve()) if service_token_file is not None else None
         try:
             load_token(token_file)  # a missing, unreadable or empty token is a usage error, before Ray starts
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--auth-token-file: {err}" if token_file else str(err)) from None
+            raise ConfigError(f"--service-token-file: {err}" if token_file else str(err)) from None
+        use_token_file(auth_token_file)  # the Ray cluster's token, not the service's
         from metaray.core.task_worker import TaskWorker
         from metaray.training.trainer import check_compatible
 
         rd = RunDir(run_dir)
         # A missing, damaged or edited model fails here, not in a replica.
         cfg, checkpoint = rd.load_model()
-        check_compatible(checkpoint, cfg, TaskWorker(cfg).n_params, str(rd.checkpoint_files()[-1]))
+        check_compatible(checkpoint, cfg, TaskWorker(cfg).n_params, rd.shown(str(rd.checkpoint_files()[-1])))
         os.environ.update(proxy_env(max_body_bytes))  # the body limit in an embedded Ray's HTTP proxy too
         with ray_session(address, replicas * cpus_per_replica):
             # SIGTERM (a pod stopping, a test) takes Ctrl-C's path, so Serve is shut down; set
@@ -302,11 +325,11 @@ def serve_(
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             serve.start(http_options={"host": host, "port": port})
             try:
-                serve.run(build_app({"run_dir": str(rd.path.resolve()), "replicas": replicas,
+                serve.run(build_app({"run_dir": rd.location, "replicas": replicas,
                                      "cpus_per_replica": cpus_per_replica, "max_body_bytes": max_body_bytes,
                                      "auth_token_file": token_file, "openapi": openapi}),
                           name="metaray", route_prefix="/")
-                typer.echo(f"serving {run_dir} on http://{host}:{port} (POST /adapt, GET /healthz); Ctrl-C stops")
+                typer.echo(f"serving {rd.where} on http://{host}:{port} (POST /adapt, GET /healthz); Ctrl-C stops")
                 signal.pause()
             except KeyboardInterrupt:
                 typer.echo("stopping")
@@ -322,7 +345,7 @@ app.add_typer(runs_app, name="runs")
 
 @runs_app.command("compare")
 def runs_compare(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories with an evaluation.")],
+    run_dirs: Annotated[list[str], typer.Argument(help="Run directories with an evaluation (paths or URIs).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list on stdout.")] = False,
 ) -> None:
     """Final held-out returns of several runs side by side (from each run's eval.parquet)."""
@@ -360,6 +383,7 @@ def submit(
     runtime_env: Annotated[Path | None, typer.Option(help="Runtime environment YAML (merged first).")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once the job is submitted.")] = False,
+    auth_token_file: AuthTokenOpt = None,
 ) -> None:
     """Submit `metaray train` as a Ray Job; exit 0 only if it SUCCEEDED (unless --no-wait)."""
 
@@ -371,7 +395,7 @@ def submit(
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         out = output or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         env = jobs.train_runtime_env(jobs.build_runtime_env(runtime_env, working_dir or None, pip or []), cfg)
-        client = jobs.job_client(address)
+        client = jobs.job_client(address, auth_token_file)
         job_id = jobs.submit(client, jobs.train_entrypoint(out), env)
         typer.echo(f"submitted job {job_id}")
         if no_wait:
@@ -390,11 +414,11 @@ JobAddressOpt = Annotated[str | None, typer.Option(help="Job server, http://HOST
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str, address: JobAddressOpt = None) -> None:
+def jobs_status(job_id: str, address: JobAddressOpt = None, auth_token_file: AuthTokenOpt = None) -> None:
     """Print a job's status; exit 0 for SUCCEEDED, PENDING or RUNNING."""
     from metaray.service import jobs
 
-    info = _run_guarded(lambda: jobs.job_client(address).get_job_info(job_id))
+    info = _run_guarded(lambda: jobs.job_client(address, auth_token_file).get_job_info(job_id))
     typer.echo(f"{job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
     if info.status.value in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
@@ -402,23 +426,24 @@ def jobs_status(job_id: str, address: JobAddressOpt = None) -> None:
 
 @jobs_app.command("logs")
 def jobs_logs(job_id: str, address: JobAddressOpt = None,
-              follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False) -> None:
+              follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False,
+              auth_token_file: AuthTokenOpt = None) -> None:
     """Print a job's logs."""
     from metaray.service import jobs
 
-    client = _run_guarded(lambda: jobs.job_client(address))
+    client = _run_guarded(lambda: jobs.job_client(address, auth_token_file))
     if follow:
-        jobs.follow(client, job_id, typer.echo, stream_logs=True)
+        _run_guarded(lambda: jobs.follow(client, job_id, typer.echo, stream_logs=True))
     else:
-        typer.echo(client.get_job_logs(job_id), nl=False)
+        typer.echo(_run_guarded(lambda: client.get_job_logs(job_id)), nl=False)
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str, address: JobAddressOpt = None) -> None:
+def jobs_stop(job_id: str, address: JobAddressOpt = None, auth_token_file: AuthTokenOpt = None) -> None:
     """Ask the job server to stop a job."""
     from metaray.service import jobs
 
-    stopped = _run_guarded(lambda: jobs.job_client(address).stop_job(job_id))
+    stopped = _run_guarded(lambda: jobs.job_client(address, auth_token_file).stop_job(job_id))
     typer.echo(f"{job_id} {'stop requested' if stopped else 'was not running'}")
 
 

@@ -169,3 +169,87 @@ def loopback_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+TOKEN_HEAD = "127.0.0.20"
+SERVICE_TOKEN = "emulated-serve-token-5d1e"
+"""The adaptation service's bearer token on the token cluster (the Secret metaray-serve-token in k8s/)."""
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint on 127.0.0.30 (moto's ThreadedMotoServer) with the bucket ``metaray``; dummy
+    credentials in this process's environment, so the CLI subprocesses have them too."""
+    import logging
+
+    from tests.s3 import MotoS3, restore, set_credentials
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+    saved = set_credentials()
+    server = MotoS3("127.0.0.30")
+    try:
+        yield server
+    finally:
+        server.stop()
+        restore(saved)
+
+
+def pod_env(manifest: str, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The environment a manifest gives its Ray pods (every container of every group): literal values,
+    and secretKeyRef values from ``secrets`` (Secret name -> key -> value), as the kubelet would."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "k8s" / manifest).read_text())["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    env: dict[str, str] = {}
+    for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+        for container in group["template"]["spec"]["containers"]:
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref is None:
+                    env[var["name"]] = str(var["value"])
+                elif ref["key"] in secrets.get(ref["name"], {}):
+                    env[var["name"]] = secrets[ref["name"]][ref["key"]]
+                else:
+                    assert ref.get("optional"), f"{manifest}: Secret {ref['name']} has no key {ref['key']}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def token_cluster(s3):
+    """A one-node Ray with token authentication on 127.0.0.20: RAY_AUTH_MODE=token, 2 CPUs, the dashboard
+    and job server, and a Ray Client server, its token (random) in a file of its temp dir.
+
+    ``address`` (GCS), ``client_address`` (ray://), ``dashboard_url``, ``token_file``; ``client_env(token)``
+    is the environment for a client subprocess with the right token, a wrong one or none (see
+    tests.loopback.LoopbackCluster.client_env). Should this process end without the teardown, the
+    cluster's reaper stops the node and removes the temp dir."""
+    import secrets
+    import time
+
+    from tests.loopback import LoopbackCluster, node_env
+
+    temp = Path(tempfile.mkdtemp(prefix="mr-auth-", dir="/tmp"))
+    token_file = temp / "auth_token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(secrets.token_hex(16) + "\n")
+    # Ray Client's default 30 s wait for a client's server (not loopback_cluster's 120 s): a server that failed
+    # to start (its port taken meanwhile by another Ray on this machine) costs 30 s and metaray's retry, not 120.
+    from tests.s3 import CREDENTIALS
+
+    # The pods' environment of k8s/rayjob.yaml and k8s/rayservice.yaml, their Secrets pointing at the
+    # loopback S3: the emulated KubeRay flow (tests/test_kuberay_flow.py) runs on this cluster.
+    secrets = {"metaray-s3": {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://{s3.endpoint}"},
+               "metaray-serve-token": {"token": SERVICE_TOKEN}}
+    pods = {**pod_env("rayjob.yaml", secrets), **pod_env("rayservice.yaml", secrets)}
+    cluster = LoopbackCluster(temp, head_ip=TOKEN_HEAD, token_file=token_file, remove_temp_dir=True,
+                              env={**node_env(), **pods})
+    start = time.monotonic()
+    try:
+        cluster.start_head({"num-cpus": "2", "dashboard-host": TOKEN_HEAD})
+        cluster.startup_s = time.monotonic() - start
+        print(f"\ntoken-auth cluster up in {cluster.startup_s:.1f}s")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -38,6 +38,12 @@ def node_env() -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+def token_node_env(token_file: Path) -> dict[str, str]:
+    """node_env() with Ray's token authentication on: every node runs with RAY_AUTH_MODE=token and reads
+    the cluster's token from ``token_file`` (never ~/.ray/auth_token, which no test writes)."""
+    return {**node_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
 def free_port(ip: str) -> int:
     with socket.socket() as s:
         s.bind((ip, 0))
@@ -137,6 +143,7 @@ class LoopbackCluster:
     reaper: subprocess.Popen | None = None
     reaper_grace_s: float = 3.0
     remove_temp_dir: bool = False  # by the reaper, once the nodes are gone, however this process ends
+    token_file: Path | None = None  # the cluster's token (RAY_AUTH_MODE=token on every node), if any
 
     @property
     def address(self) -> str:
@@ -158,7 +165,7 @@ class LoopbackCluster:
             "metrics-export-port", "node-manager-port", "object-manager-port"))]
         log = self.temp_dir / f"node-{ip}.log"
         key, value = self.marker.split("=", 1)
-        env = {**os.environ, **self.env, **extra_env, key: value}
+        env = self._env({**extra_env, key: value})
         reaper = self._reaper()
         proc = subprocess.Popen([RAY, "start", "--block", f"--node-ip-address={ip}", *args], cwd=self.temp_dir,
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -168,6 +175,43 @@ class LoopbackCluster:
         node = Node(ip, proc, log)
         self.nodes.append(node)
         return node
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """What the nodes (and `ray status`) run with: this process's environment, the cluster's, ``extra``,
+        and the cluster's token if it has one (RAY_AUTH_TOKEN dropped: Ray would prefer it to the file)."""
+        env = {**os.environ, **self.env, **(extra or {})}
+        if self.token_file is not None:
+            env.update(token_node_env(self.token_file))
+            env.pop("RAY_AUTH_TOKEN", None)
+        return env
+
+    @property
+    def wrong_token_file(self) -> Path:
+        """A token file that is not the cluster's."""
+        path = self.temp_dir / "wrong_token"
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex + "\n")
+        return path
+
+    def client_env(self, token: str | None = "right", *, via: str = "path", mode: str = "token") -> dict[str, str]:
+        """The environment for a client of this token cluster (a CLI in a subprocess).
+
+        ``token``: "right" (the cluster's), "wrong" (another), or None (none anywhere); ``via``:
+        "path" (RAY_AUTH_TOKEN_PATH) or "env" (RAY_AUTH_TOKEN); ``mode``: RAY_AUTH_MODE ("token";
+        "disabled" is what CI exports). Every other RAY_AUTH_* is dropped, and HOME is an empty
+        directory of the cluster's, so that the user's ~/.ray/auth_token is never read (nor written).
+        """
+        home = self.temp_dir / "client-home"
+        home.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+        env.update(HOME=str(home), RAY_AUTH_MODE=mode)
+        if token is not None:
+            path = {"right": self.token_file, "wrong": self.wrong_token_file}[token]
+            if via == "env":
+                env["RAY_AUTH_TOKEN"] = path.read_text().strip()
+            else:
+                env["RAY_AUTH_TOKEN_PATH"] = str(path)
+        return env
 
     def _reaper(self) -> subprocess.Popen:
         """The cluster's reaper, started with its first node: in a session of its own, so that a signal
@@ -241,13 +285,20 @@ class LoopbackCluster:
                 self.nodes.remove(node)
                 self.add_node(node.ip, node.params, node.object_store_bytes)
 
-    def alive_ips(self) -> set[str]:
+    def _nodes_summary(self) -> dict:
+        """The dashboard's node summary (with the cluster's token, if it has one); OSError if unavailable."""
         import json
         import urllib.request
 
+        headers = {} if self.token_file is None else {
+            "Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        request = urllib.request.Request(f"{self.dashboard_url}/nodes?view=summary", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return json.load(r)
+
+    def alive_ips(self) -> set[str]:
         try:
-            with urllib.request.urlopen(f"{self.dashboard_url}/nodes?view=summary", timeout=5) as r:
-                data = json.load(r)
+            data = self._nodes_summary()
         except OSError:
             return set()
         return {n.get("ip") or n["raylet"].get("nodeManagerAddress") for n in data["data"]["summary"]
@@ -264,7 +315,7 @@ class LoopbackCluster:
         deadline = time.monotonic() + timeout
         while True:
             out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
-                                 env={**os.environ, **self.env}, timeout=60).stdout
+                                 env=self._env(), timeout=60).stdout
             match = re.search(r"/([\d.]+) CPU", out)
             if match and float(match.group(1)) >= cpus:
                 return
@@ -273,12 +324,8 @@ class LoopbackCluster:
             time.sleep(0.5)
 
     def alive_nodes(self) -> int:
-        import json
-        import urllib.request
-
         try:
-            with urllib.request.urlopen(f"{self.dashboard_url}/nodes?view=summary", timeout=5) as r:
-                data = json.load(r)
+            data = self._nodes_summary()
         except OSError:
             return 0
         return sum(1 for n in data["data"]["summary"] if n["raylet"]["state"] == "ALIVE")

@@ -48,7 +48,7 @@ def service(nav_run, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     env = {k: v for k, v in os.environ.items() if k != "METARAY_SERVE_TOKEN"}
     proc = subprocess.Popen([sys.executable, "-m", "metaray.cli", "serve", str(nav_run), "--host", HOST, "--port",
-                             str(port), "--replicas", "2", "--auth-token-file", str(token_file)], cwd=ROOT, env=env,
+                             str(port), "--replicas", "2", "--service-token-file", str(token_file)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://{HOST}:{port}"
     try:

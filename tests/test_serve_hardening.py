@@ -148,8 +148,8 @@ def test_the_token_comes_from_a_file_or_the_environment_and_is_never_blank(tmp_p
 @pytest.mark.parametrize("how", ["empty file", "missing file", "empty env"])
 def test_an_empty_or_missing_token_is_a_usage_error(tmp_path, how):
     (tmp_path / "empty").write_text("\n")
-    args = {"empty file": ["--auth-token-file", str(tmp_path / "empty")],
-            "missing file": ["--auth-token-file", str(tmp_path / "absent")], "empty env": []}[how]
+    args = {"empty file": ["--service-token-file", str(tmp_path / "empty")],
+            "missing file": ["--service-token-file", str(tmp_path / "absent")], "empty env": []}[how]
     env = {**os.environ, "METARAY_SERVE_TOKEN": ""} if how == "empty env" else \
         {k: v for k, v in os.environ.items() if k != "METARAY_SERVE_TOKEN"}
     proc = subprocess.run([sys.executable, "-m", "metaray.cli", "serve", str(tmp_path / "run"), *args], cwd=ROOT,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,24 +47,25 @@ def pretrain_config(config: Config) -> Config:
     return config.model_copy(update={"algorithm": "pretrain"}, deep=True)
 
 
-def pretrained_params(config: Config, run: RunDir, progress: Progress) -> tuple[np.ndarray, Path]:
+def pretrained_params(config: Config, run: RunDir, progress: Progress) -> tuple[np.ndarray, str]:
     """Train (or reuse, or finish) the pretrained baseline of ``run``; its final params."""
-    base = RunDir(run.path / "baselines" / "pretrained")
+    base = run.child("baselines", "pretrained")
     cfg = pretrain_config(config)
     files = base.checkpoint_files() if base.config_path.is_file() else []
     if files:
         if base.load_config() != cfg:
-            raise ConfigError(f"{base.path} was trained with another config than {run.config_path} implies; "
-                              f"delete it to train the pretrained baseline again")
+            raise ConfigError(f"{base.where} was trained with another config than "
+                              f"{run.shown(str(run.config_path))} implies; delete it to train the pretrained "
+                              "baseline again")
         checkpoint = base.latest_checkpoint()
         if checkpoint["iteration"] >= cfg.outer.iterations:
-            progress.message(f"pretrained baseline: reusing {base.path}")
-            return checkpoint["params"].numpy(), base.path
-        progress.message(f"pretrained baseline: resuming {base.path} at iteration {checkpoint['iteration']}")
-        return train(cfg, base, progress=progress, resume=True)["params"], base.path
-    progress.message(f"pretrained baseline: training algorithm pretrain with the run's budget into {base.path}")
+            progress.message(f"pretrained baseline: reusing {base.where}")
+            return checkpoint["params"].numpy(), base.where
+        progress.message(f"pretrained baseline: resuming {base.where} at iteration {checkpoint['iteration']}")
+        return train(cfg, base, progress=progress, resume=True)["params"], base.where
+    progress.message(f"pretrained baseline: training algorithm pretrain with the run's budget into {base.where}")
     base.prepare(cfg, overwrite=True)
-    return train(cfg, base, progress=progress)["params"], base.path
+    return train(cfg, base, progress=progress)["params"], base.where
 
 
 def evaluate_with_baselines(

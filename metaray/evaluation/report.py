@@ -41,7 +41,7 @@ def learning_curve(run: RunDir, path: Path) -> Path:
     """Mean pre- and post-adaptation return of the training tasks against iteration."""
     rows = run.read_metrics()
     if not rows:
-        raise ConfigError(f"{run.metrics_path} has no rows yet: nothing to plot")
+        raise ConfigError(run.shown(f"{run.metrics_path} has no rows yet: nothing to plot"))
     its = [r["iteration"] + 1 for r in rows]
     fig, ax = _figure()
     ax.plot(its, [r["pre_return"] for r in rows], label="before adaptation", color="tab:gray")
@@ -76,7 +76,7 @@ def adaptation_curve(run: RunDir, path: Path) -> Path:
     """Held-out return after 0..K adaptation steps, meta-learned policy and baselines."""
     curves = eval_curves(read_rows(run.eval_path))
     if not curves:
-        raise ConfigError(f"{run.eval_path} does not exist: run `metaray eval {run.path}` first")
+        raise ConfigError(run.shown(f"{run.eval_path} does not exist: run `metaray eval {run.path}` first"))
     fig, ax = _figure()
     for policy, (mean, se) in curves.items():
         label, color = POLICY_STYLE.get(policy, (policy, None))
@@ -91,17 +91,18 @@ def adaptation_curve(run: RunDir, path: Path) -> Path:
     return _save(fig, path)
 
 
-def report(run: RunDir) -> list[Path]:
-    """Write the run's plots next to its data; returns their paths."""
+def report(run: RunDir) -> list[str]:
+    """Write the run's plots next to its data (onto the store for a URI); returns where they are."""
     if not run.config_path.is_file():
-        raise ConfigError(f"{run.path} is not a metaray run directory (no config.yaml)")
+        raise ConfigError(f"{run.where} is not a metaray run directory (no config.yaml)")
     out = [learning_curve(run, run.path / "learning_curve.png")]
     if run.eval_path.is_file():
         out.append(adaptation_curve(run, run.path / "adaptation_curve.png"))
-    return out
+    run.flush()
+    return [run.shown(str(path)) for path in out]
 
 
-def compare_rows(paths: list[Path]) -> list[dict[str, Any]]:
+def compare_rows(paths: list[str]) -> list[dict[str, Any]]:
     """Final held-out returns of several runs, one row each, from their eval.parquet."""
     rows = []
     for path in paths:
@@ -110,7 +111,7 @@ def compare_rows(paths: list[Path]) -> list[dict[str, Any]]:
         evals = read_rows(run.eval_path)
         curves = eval_curves(evals)
         if "metaray" not in curves:
-            raise ConfigError(f"{run.eval_path} holds no evaluation: run `metaray eval {path}` first")
+            raise ConfigError(run.shown(f"{run.eval_path} holds no evaluation: run `metaray eval {path}` first"))
         mean, se = curves["metaray"]
         row: dict[str, Any] = {
             "run": str(path), "algorithm": cfg.algorithm, "family": cfg.task.family,

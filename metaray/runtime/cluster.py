@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import ray
 
+from metaray.runtime.auth import check_token
+
 EMBEDDED_NODE_IP = "127.0.0.1"
 """The embedded instance's node address. Ray 2.60 binds a node's servers (GCS, raylet, workers,
 agents, metrics) to loopback only when this is literally 127.0.0.1, and to every interface for
@@ -107,7 +109,9 @@ class UnreachableClusterError(ConnectionError):
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail within ``timeout_s`` with the address in the message, rather than hang in ray.init."""
+    """Fail within ``timeout_s`` with the address in the message, rather than hang in ray.init:
+    an address that does not answer, or a cluster that refuses this process's token
+    (metaray.runtime.auth.ClusterAuthError)."""
     if address == "auto":
         return  # ray.init itself fails fast when no local cluster is found
     hostport = address.removeprefix("ray://")
@@ -118,3 +122,4 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:
         raise UnreachableClusterError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    check_token(address, timeout_s)

@@ -23,15 +23,22 @@ DEFAULT_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".p
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def job_client(address: str | None) -> JobSubmissionClient:
-    """A client for the job server at ``address`` (http://HOST:8265), failing with the address named."""
+def job_client(address: str | None, auth_token_file: Path | None = None) -> JobSubmissionClient:
+    """A client for the job server at ``address`` (http://HOST:8265), failing with the address named;
+    with the cluster's token from ``auth_token_file`` or Ray's own sources (metaray.runtime.auth)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from metaray.runtime import auth
+
+    auth.use_token_file(auth_token_file)
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("no job server: pass --address http://HOST:8265 (or set RAY_API_SERVER_ADDRESS)")
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address)  # asks the server its version: a refused token fails here
+    except AuthenticationError:  # 401 (no token sent), 403 (not the cluster's), or no token found here
+        raise auth.failure(address, "Ray job server") from None
     except Exception as err:  # ConnectionError, or a RuntimeError wrapping one
         raise ConnectionError(f"cannot reach the Ray job server at {address}: {err}") from None
 
@@ -53,7 +60,14 @@ def build_runtime_env(runtime_env_file: Path | None, working_dir: str | None, pi
     if pip:
         env["pip"] = [*env.get("pip", []), *pip]
     env.setdefault("env_vars", {}).setdefault("PYTHONUNBUFFERED", "1")
+    if secret := SECRET_ENV_VARS & set(env["env_vars"]):
+        raise ConfigError(f"runtime environment: env_vars {sorted(secret)} would put the cluster's token in the "
+                          "job's metadata; leave them out: the job's driver runs on the head, which has the token")
     return env
+
+
+SECRET_ENV_VARS = {"RAY_AUTH_TOKEN"}
+"""A runtime environment is job metadata, readable by anyone who can list the cluster's jobs."""
 
 
 CONFIG_ENV = "METARAY_JOB_CONFIG"

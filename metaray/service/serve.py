@@ -332,7 +332,7 @@ class AdaptationService:
         run = RunDir(opts.run_dir)
         config, checkpoint = run.load_model()  # also for a RayService, which has no CLI to check first
         self.opts, self.config = opts, config
-        self.run_name, self.iteration = Path(opts.run_dir).name, int(checkpoint["iteration"])
+        self.run_name, self.iteration = run.name, int(checkpoint["iteration"])
         self.params = checkpoint["params"].numpy()
         self.runner = TaskWorker(self.config)
         check_compatible(checkpoint, config, self.runner.n_params, str(run.checkpoint_files()[-1]))

@@ -19,7 +19,8 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from metaray.config import Config, ConfigError, dump_config, load_config, validate
 from metaray.training.run_lock import LOCK_NAME, run_lock
+from metaray.training.storage import Remote, local_path
 
 CHECKPOINT_FORMAT = 1
 _MAGIC = b"METARAY-CKPT-1\n"
@@ -61,8 +63,43 @@ class NonFiniteParamsError(ArithmeticError):
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    """A run directory: a local path, or a URI (s3://, gs://, file://) worked on through a local
+    mirror that every write is pushed from (see metaray.training.storage)."""
+
+    def __init__(self, location: str | Path, remote: Remote | None = None) -> None:
+        local = None if remote is not None else local_path(location)
+        self.remote = remote if remote is not None else (Remote.open(str(location)) if local is None else None)
+        self.path = self.remote.mirror if self.remote is not None else Path(local)
+        self.where = self.remote.display if self.remote is not None else str(self.path)
+        """How messages name the run directory (a URI without its credentials)."""
+
+    @property
+    def location(self) -> str:
+        """What another process opens the same run directory by: the URI, or the absolute path."""
+        return self.remote.uri if self.remote is not None else str(self.path.resolve())
+
+    @property
+    def name(self) -> str:
+        return self.where.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+    def child(self, *parts: str) -> RunDir:
+        """A run directory inside this one (the pretrained baseline's)."""
+        if self.remote is not None:
+            return RunDir("", remote=self.remote.child(*parts))
+        return RunDir(self.path.joinpath(*parts))
+
+    def shown(self, text: str) -> str:
+        """``text`` with the mirror's path replaced by the run directory's URI."""
+        return text.replace(str(self.remote.mirror), self.remote.display) if self.remote is not None else text
+
+    def _sync(self, everything: bool = False) -> None:
+        """Push the writes just made to the store (nothing to do for a local directory)."""
+        if self.remote is not None:
+            self.remote.push(everything)
+
+    def flush(self) -> None:
+        """Push everything, TensorBoard events and plots included (at checkpoints and at the end)."""
+        self._sync(everything=True)
 
     @property
     def config_path(self) -> Path:
@@ -80,15 +117,15 @@ class RunDir:
         """Refuse, touching nothing, a target that ``prepare`` must not use: a symbolic link, a file,
         a non-empty directory without ``overwrite``, or with it one that is not a metaray run directory."""
         if self.path.is_symlink():
-            raise ConfigError(f"run directory {self.path} is a symbolic link; give the directory itself")
+            raise ConfigError(f"run directory {self.where} is a symbolic link; give the directory itself")
         if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"run directory {self.path} is a file, not a directory")
+            raise ConfigError(f"run directory {self.where} is a file, not a directory")
         entries = sorted(e.name for e in self.path.iterdir() if e.name != LOCK_NAME) if self.path.is_dir() else []
         if entries and not overwrite:
-            raise ConfigError(f"run directory {self.path} is not empty; pass --overwrite to replace it")
+            raise ConfigError(f"run directory {self.where} is not empty; pass --overwrite to replace it")
         why = entries and self._not_a_run(entries)
         if why:
-            raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.path} is not one "
+            raise ConfigError(f"--overwrite replaces only a metaray run directory, and {self.where} is not one "
                               f"({why}); nothing was deleted")
 
     def _not_a_run(self, entries: list[str]) -> str | None:
@@ -138,20 +175,36 @@ class RunDir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        if self.remote is not None:
+            self.remote.delete_foreign()  # what the mirror skipped (a checkpoint past the manifest)
         self.write_config(config)
 
-    def lock(self, command: str) -> AbstractContextManager[bool]:
-        """The run directory's writer lock (see metaray.training.run_lock); the directory must exist."""
-        return run_lock(self.path, command)
+    @contextmanager
+    def lock(self, command: str) -> Iterator[bool]:
+        """The run directory's writer lock (see metaray.training.run_lock); the directory must exist.
+
+        On a store, a lease object instead; once it is held the mirror is fetched again, so the
+        writer starts from what the previous one left."""
+        if self.remote is None:
+            with run_lock(self.path, command) as locked:
+                yield locked
+            return
+        with self.remote.lease(command):
+            self.remote.pull()
+            yield True
 
     def write_config(self, config: Config) -> None:
         atomic_write(self.config_path, lambda f: f.write(dump_config(config).encode()))
+        self._sync()
 
     def load_config(self) -> Config:
         """config.yaml, read within the same bounds as any config file (it may be hostile too)."""
         if not self.config_path.is_file():
-            raise ConfigError(f"{self.path} is not a metaray run directory (no config.yaml)")
-        return load_config(self.config_path)
+            raise ConfigError(f"{self.where} is not a metaray run directory (no config.yaml)")
+        try:
+            return load_config(self.config_path)
+        except ConfigError as err:
+            raise ConfigError(self.shown(str(err))) from None
 
     def save_checkpoint(self, iteration: int, state: dict[str, Any], config: Config, keep: int) -> Path:
         """Write checkpoint N atomically with a checksum, then delete all but the newest ``keep``.
@@ -159,7 +212,7 @@ class RunDir:
         Parameters with NaN or inf are refused: nothing broken is ever checkpointed."""
         if not torch.isfinite(state["params"]).all():
             raise NonFiniteParamsError(f"iteration {iteration}: the meta-parameters are not finite (NaN or inf); "
-                                       f"nothing was checkpointed in {self.path}")
+                                       f"nothing was checkpointed in {self.where}")
         payload = {"format": CHECKPOINT_FORMAT, "iteration": iteration,
                    "config": config.model_dump(mode="json"), **state}
         buf = io.BytesIO()
@@ -169,6 +222,7 @@ class RunDir:
         atomic_write(path, lambda f: f.write(_MAGIC + hashlib.sha256(raw).digest() + raw))
         for old in self.checkpoint_files()[:-keep]:
             old.unlink()
+        self.flush()  # the checkpoint, then the manifest naming it; events and plots too
         return path
 
     def checkpoint_files(self) -> list[Path]:
@@ -197,12 +251,12 @@ class RunDir:
         """The newest checkpoint; a damaged newest one is an error, never silently skipped."""
         files = self.checkpoint_files()
         if not files:
-            raise ConfigError(f"run directory {self.path} has no checkpoint")
+            raise ConfigError(f"run directory {self.where} has no checkpoint")
         try:
             return self.read_checkpoint(files[-1])
         except ConfigError as err:
             hint = f"; delete it to resume from {files[-2].name}" if len(files) > 1 else ""
-            raise ConfigError(f"{err}{hint}") from None
+            raise ConfigError(self.shown(f"{err}{hint}")) from None
 
     def load_model(self) -> tuple[Config, dict[str, Any]]:
         """config.yaml and the newest checkpoint, refused unless they describe the same run: an
@@ -213,11 +267,12 @@ class RunDir:
         try:
             saved = validate(checkpoint["config"], f"the config inside {source}")
         except ConfigError as err:
-            raise ConfigError(f"checkpoint {source} has bad contents: {err}") from None
+            raise ConfigError(self.shown(f"checkpoint {source} has bad contents: {err}")) from None
         changed = config_changes(saved, config, may_change=SAFE_TO_CHANGE)
         if changed:
-            raise ConfigError(f"{self.config_path} does not match its checkpoint {source.name} in {', '.join(changed)} "
-                              "(edited after training?); restore it, or train again")
+            raise ConfigError(self.shown(
+                f"{self.config_path} does not match its checkpoint {source.name} in {', '.join(changed)} "
+                "(edited after training?); restore it, or train again"))
         return config, checkpoint
 
     @property
@@ -233,6 +288,12 @@ class RunDir:
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         write_rows(self.metrics_path, rows)
+        self._sync()
+
+    def write_eval(self, rows: list[dict[str, Any]]) -> None:
+        """Replace eval.parquet with ``rows``."""
+        write_rows(self.eval_path, rows)
+        self._sync()
 
     def append_iteration(self, iteration: int, metrics_row: dict[str, Any], task_rows: list[dict[str, Any]]) -> None:
         """Add one iteration's rows to tasks.parquet, then to metrics.parquet; constant cost.
@@ -241,16 +302,19 @@ class RunDir:
         """
         append_rows(self.tasks_path, iteration, task_rows)
         append_rows(self.metrics_path, iteration, [metrics_row])
+        self._sync()  # in the order written: a metrics row's task rows are stored before it
 
     def truncate_tables(self, iteration: int) -> None:
         """Drop the rows of iterations >= ``iteration`` (a resume re-runs them; 0 empties the tables)."""
         truncate_rows(self.metrics_path, iteration)
         truncate_rows(self.tasks_path, iteration)
+        self._sync()
 
     def compact_tables(self) -> None:
         """Fold the part files into metrics.parquet and tasks.parquet (end of a run)."""
         compact_rows(self.tasks_path)
         compact_rows(self.metrics_path)
+        self._sync()
 
 
 SAFE_TO_CHANGE = ("outer.iterations", "checkpoint.", "eval.", "resources.")

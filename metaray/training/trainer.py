@@ -23,7 +23,7 @@ from metaray.runtime.pool import WorkerPool
 from metaray.runtime.worker import start_workers
 from metaray.tasks import Task, TaskFamily
 from metaray.training.progress import FAULT_KEYS, LineProgress, Progress
-from metaray.training.run_dir import SAFE_TO_CHANGE, RunDir, config_changes, write_rows
+from metaray.training.run_dir import SAFE_TO_CHANGE, RunDir, config_changes
 from metaray.training.tensorboard import EventLog
 
 Log = Callable[[str], None]
@@ -82,7 +82,7 @@ def save_eval(run: RunDir, results: dict[str, EvalResult], iteration: int, seed:
               extra: list[dict[str, Any]] | None = None) -> None:
     """Replace eval.parquet with this evaluation: one row per (policy, task, adaptation steps)."""
     rows = [row for name, r in results.items() for row in r.rows(name)] + (extra or [])
-    write_rows(run.eval_path, [{"iteration": iteration, "seed": seed, **row} for row in rows])
+    run.write_eval([{"iteration": iteration, "seed": seed, **row} for row in rows])
 
 
 def check_compatible(checkpoint: dict[str, Any], config: Config, n_params: int, source: str) -> None:
@@ -203,6 +203,11 @@ def train(config: Config, run: RunDir, log: Log = print, runner: TaskWorker | No
         events.close()
         for actor in [*workers, learner]:
             ray.kill(actor, no_restart=True)
+        if trained:  # the events and anything else not yet on the store (a failed run's error stands)
+            run.flush()
+        else:
+            with contextlib.suppress(Exception):
+                run.flush()
     return {"params": final, "eval": result, "rows": rows}
 
 

@@ -1,0 +1,330 @@
+"""Run directories on object storage (``s3://``, ``gs://``, any filesystem ``pyarrow.fs`` knows).
+
+A remote run directory is worked on through a private local mirror: it is downloaded when
+opened, every write lands in the mirror first (with all the local guarantees of
+metaray.training.run_dir), and each write of the run directory is pushed right after it is
+made. A push uploads new and changed files in the order they were written, then the
+``checkpoints/latest.json`` manifest, then deletes what the mirror no longer holds. An object
+PUT is atomic, so no reader ever sees a half-written file; listing is not, so a reader takes
+the newest checkpoint the manifest names (a checkpoint uploaded just before a crash and not
+yet in the manifest is re-made by the resume). Large, growing files (TensorBoard events) and
+plots are pushed at checkpoints and at the end, not at every iteration.
+
+Credentials come from where pyarrow looks (the environment, the instance or pod identity, the
+URI's own query) and are never written anywhere: the URI shown in messages has them removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from metaray.config import ConfigError
+
+MANIFEST = "checkpoints/latest.json"
+LOCK_KEY = ".metaray.lock"
+_DEFERRED = re.compile(r"(.*/)?(events\.out\.tfevents\..+|[^/]+\.png)")
+"""Pushed at checkpoints and at the end only: they grow or are rewritten whole."""
+_SKIPPED = re.compile(r"(.*/)?(\.metaray\.lock|\..+\.tmp)")
+_SECRET_QUERY = {"access_key", "secret_key", "session_token"}
+
+
+class StorageError(ConnectionError):
+    """The object store failed (unreachable, denied): one line naming the run directory's URI."""
+
+
+def is_uri(location: str | Path) -> bool:
+    """A URI with a scheme (s3://, gs://, file://, ...), not a local path."""
+    return isinstance(location, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", location) is not None
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials (user info, access/secret keys in the query)."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode([(k, "***" if k in _SECRET_QUERY else v) for k, v in parse_qsl(parts.query)], safe=":/*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def local_path(location: str | Path) -> Path | None:
+    """The local path a location names (a plain path or file://), or None for a remote URI."""
+    if not is_uri(location):
+        return Path(location)
+    parts = urlsplit(str(location))
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or parts.query:
+            raise ConfigError(f"run directory {redact(str(location))}: a file:// URI is file:///absolute/path")
+        return Path(parts.path)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+class Remote:
+    """One remote run directory (or a folder inside one), mirrored at ``mirror``."""
+
+    def __init__(self, uri: str, fs: Any, root: str, mirror: Path, state: dict[str, tuple[int, int]]) -> None:
+        self.uri, self.fs, self.root, self.mirror = uri, fs, root.rstrip("/"), mirror
+        self.display = redact(uri)
+        self.state = state  # object key -> (size, mtime_ns) of the mirror file it was made from
+        self.failure: str | None = None  # once the store failed, later writes fail at once with it
+
+    @classmethod
+    def open(cls, uri: str) -> Remote:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(uri)
+        except Exception as err:  # ArrowInvalid, OSError: an unknown scheme, a bad query option
+            raise ConfigError(f"run directory {redact(uri)}: {_first_line(err)}") from None
+        if not root.strip("/") or ("/" not in root.strip("/") and fs.type_name in ("s3", "gcs")):
+            raise ConfigError(f"run directory {redact(uri)}: give a prefix inside the bucket "
+                              "(s3://BUCKET/PREFIX), never a whole bucket")
+        mirror = Path(tempfile.mkdtemp(prefix="metaray-mirror-"))
+        remote = cls(uri, fs, root, mirror / "run", {})
+        remote._finalizer = weakref.finalize(remote, shutil.rmtree, str(mirror), True)
+        remote.pull()
+        return remote
+
+    def child(self, *parts: str) -> Remote:
+        """The folder ``parts`` inside this run directory, sharing its mirror and state."""
+        sub = Remote(self.uri, self.fs, "/".join([self.root, *parts]), self.mirror.joinpath(*parts), self.state)
+        sub.display = "/".join([redact(self.uri).split("?")[0].rstrip("/"), *parts])
+        sub._parent = self  # keeps the mirror alive as long as the child is used
+        return sub
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (ConfigError, StorageError):
+            raise
+        except OSError as err:
+            raise StorageError(f"run directory {self.display}: {what} failed: {_first_line(err)}") from None
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def pull(self) -> None:
+        """Make the mirror what the store holds (the newest checkpoint as the manifest says).
+
+        A writer may merge or delete files between the listing and the download: a file that
+        vanished means the listing is stale, so it is taken again (its replacement was stored
+        before anything was deleted)."""
+        for _ in range(20):
+            try:
+                self._pull_once()
+                return
+            except FileNotFoundError:
+                continue
+        raise StorageError(f"run directory {self.display}: kept changing while being read")
+
+    def _pull_once(self) -> None:
+        import pyarrow.fs as pafs
+
+        from metaray.training.run_dir import RUN_ENTRIES
+
+        with self._errors("listing"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        files = {info.path[len(self.root) + 1:] for info in infos if info.type == pafs.FileType.File}
+        if self.mirror.exists():
+            shutil.rmtree(self.mirror)
+        self.mirror.mkdir(parents=True)
+        prefix = self._key("")
+        for key in [k for k in self.state if k.startswith(prefix)]:
+            del self.state[key]
+        newest = {}  # checkpoints folder -> the newest checkpoint its manifest names (a baseline has its own)
+        for rel in sorted(r for r in files if r == MANIFEST or r.endswith(f"/{MANIFEST}")):
+            try:
+                newest[rel.rsplit("/", 1)[0]] = str(json.loads(self._fetch(rel))["checkpoint"])
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"run directory {self.display}: {rel} is damaged") from None
+        for rel in sorted(files):
+            folder, _, name = rel.rpartition("/")
+            if (name == "latest.json" and folder in newest) or _SKIPPED.fullmatch(rel):
+                continue
+            local = self.mirror / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if not RUN_ENTRIES.fullmatch(rel.split("/", 1)[0]):
+                local.touch()  # a name the run-directory checks refuse; its content is not ours to fetch
+                continue
+            if folder in newest and name.startswith("checkpoint_") and name > newest[folder]:
+                continue  # uploaded, but not yet in the manifest: as if never written
+            local.write_bytes(self._fetch(rel))
+            stat = local.stat()
+            self._note(rel, stat.st_size, stat.st_mtime_ns)
+
+    def _fetch(self, rel: str) -> bytes:
+        """An object's bytes; FileNotFoundError passes (the caller lists again), other errors are one line."""
+        try:
+            return self._read(rel)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise StorageError(f"run directory {self.display}: downloading {rel} failed: {_first_line(err)}") from None
+
+    def _note(self, rel: str, size: int, mtime_ns: int) -> None:
+        self.state[self._key(rel)] = (size, mtime_ns)
+
+    def _read(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._key(rel)) as f:
+            return f.read()
+
+    def _write(self, rel: str, data: bytes) -> None:
+        """One atomic object write (a PUT); through a temporary name on filesystems that rename."""
+        if self.fs.type_name in ("s3", "gcs"):
+            with self.fs.open_output_stream(self._key(rel)) as f:
+                f.write(data)
+            return
+        tmp = self._key(f"{rel}.{uuid.uuid4().hex[:8]}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self._key(rel))
+
+    def push(self, everything: bool = False) -> None:
+        """Upload what changed in the mirror (oldest write first), the manifest, then the deletions."""
+        if self.failure is not None:  # the store failed already: no minutes of retries per write
+            raise StorageError(self.failure)
+        try:
+            self._push(everything)
+        except StorageError as err:
+            self.failure = str(err)
+            raise
+
+    def _push(self, everything: bool) -> None:
+        with self._errors("uploading"):
+            present: dict[str, tuple[int, int]] = {}
+            for path in self.mirror.rglob("*"):
+                rel = path.relative_to(self.mirror).as_posix()
+                if path.is_file() and not _SKIPPED.fullmatch(rel):
+                    stat = path.stat()
+                    present[rel] = (stat.st_size, stat.st_mtime_ns)
+            changed = sorted((stamp[1], rel) for rel, stamp in present.items()
+                             if self.state.get(self._key(rel)) != stamp
+                             and (everything or not _DEFERRED.fullmatch(rel)))
+            for _, rel in changed:
+                self._write(rel, (self.mirror / rel).read_bytes())
+                self._note(rel, *present[rel])
+            checkpoints = sorted(r for r in present if re.fullmatch(r"checkpoints/checkpoint_\d+\.pt", r))
+            if any(rel.startswith("checkpoints/") for _, rel in changed) and checkpoints:
+                newest = checkpoints[-1]
+                digest = hashlib.sha256((self.mirror / newest).read_bytes()).hexdigest()
+                self._write(MANIFEST, json.dumps({"checkpoint": newest.split("/")[1], "sha256": digest}).encode())
+            prefix = self._key("")
+            gone = [k for k in self.state if k.startswith(prefix) and k[len(prefix):] not in present]
+            for key in sorted(gone, key=lambda k: "/checkpoints/" not in k):  # old checkpoints first
+                self.fs.delete_file(key)
+                del self.state[key]
+
+    def delete_foreign(self) -> None:
+        """Delete every object under the prefix that the mirror does not hold (after --overwrite)."""
+        import pyarrow.fs as pafs
+
+        with self._errors("emptying"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+            for info in infos:
+                rel = info.path[len(self.root) + 1:]
+                if info.type == pafs.FileType.File and rel != LOCK_KEY and not (self.mirror / rel).is_file():
+                    self.fs.delete_file(info.path)
+                    self.state.pop(info.path, None)
+
+    @contextmanager
+    def lease(self, command: str) -> Iterator[None]:
+        """The run directory's writer lock on a store without file locks: a lease object.
+
+        ``.metaray.lock`` holds the owner (id, PID, host, command) and when the lease ends; the
+        holder renews it while it runs, so a holder that died loses it after ``lease_seconds()``.
+        A store has no compare-and-swap here: two writers starting within a second of each
+        other may both take it (the README says so); the check below catches most such races.
+        """
+        from metaray.training.run_lock import RunDirBusyError
+
+        lease_s = lease_seconds()
+        me = {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": os.uname().nodename, "command": command}
+        held = self._lock_record()
+        if held is not None and held.get("id") != me["id"] and float(held.get("expires", 0)) > time.time():
+            raise RunDirBusyError(f"run directory {self.display} is in use by {_owner(held)}; its lease ends in "
+                                  f"{float(held['expires']) - time.time():.0f} s unless renewed (a lock of a "
+                                  "process that died is taken over then)")
+        stop = threading.Event()
+
+        def write() -> None:
+            record = {**me, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "expires": time.time() + lease_s}
+            with self._errors("writing the lock"):
+                self._write(LOCK_KEY, json.dumps(record).encode())
+
+        write()
+        time.sleep(min(1.0, lease_s / 10))
+        if (self._lock_record() or {}).get("id") != me["id"]:
+            raise RunDirBusyError(f"run directory {self.display}: another process took its lock at the same "
+                                  "moment; try again")
+
+        def renew() -> None:
+            while not stop.wait(lease_s / 3):
+                try:
+                    write()
+                except StorageError:
+                    pass  # the store is down: the run's own next write fails and says so
+
+        thread = threading.Thread(target=renew, name="metaray-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if self.failure is None:  # else the store is down: the lease lapses by itself
+                thread.join()
+                try:
+                    if (self._lock_record() or {}).get("id") == me["id"]:
+                        self.fs.delete_file(self._key(LOCK_KEY))
+                except (OSError, StorageError):
+                    pass  # the lease lapses by itself
+
+    def _lock_record(self) -> dict[str, Any] | None:
+        import pyarrow.fs as pafs
+
+        with self._errors("reading the lock"):
+            if self.fs.get_file_info(self._key(LOCK_KEY)).type != pafs.FileType.File:
+                return None
+            raw = self._read(LOCK_KEY)
+        try:
+            record = json.loads(raw)
+            return record if isinstance(record, dict) else {}
+        except ValueError:
+            return {}
+
+
+def _owner(record: dict[str, Any]) -> str:
+    try:
+        return (f"PID {int(record['pid'])} on {str(record['host'])[:64]} ({str(record['command'])[:64]}, "
+                f"since {str(record['since'])[:32]})")
+    except (KeyError, TypeError, ValueError):
+        return "another process (its lock record is unreadable)"
+
+
+def lease_seconds() -> float:
+    """How long a lock lease lasts unless renewed: METARAY_LOCK_LEASE_S, 60 by default."""
+    raw = os.environ.get("METARAY_LOCK_LEASE_S", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 2 <= value <= 3600:
+        raise ConfigError(f"METARAY_LOCK_LEASE_S={raw[:20]!r}: give seconds between 2 and 3600")
+    return value
