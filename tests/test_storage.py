@@ -134,13 +134,18 @@ def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
     assert torch.equal(on_s3.latest_checkpoint()["params"], RunDir(reference).latest_checkpoint()["params"])
     assert _iterations(on_s3) == list(range(done + 2))
 
-    evaluated = _cli("eval", uri, "--tasks", "2", "--steps", "1", "--address", ray_address, env=env)
+    evaluated = _cli("eval", uri, "--tasks", "2", "--steps", "1", "--baselines", "pretrained", "--address",
+                     ray_address, env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     reported = _cli("report", uri, env=env)
     assert reported.returncode == 0, reported.stderr
+    compared = _cli("runs", "compare", uri, str(reference), "--json", env=env)
+    assert compared.returncode == 0, compared.stderr
+    assert [row["algorithm"] for row in json.loads(compared.stdout)] == ["maml", "maml"]
     keys = s3.keys(prefix)
     for name in ("config.yaml", "eval.parquet", "metrics.parquet", "tasks.parquet", "learning_curve.png",
-                 "adaptation_curve.png", "checkpoints/latest.json"):
+                 "adaptation_curve.png", "checkpoints/latest.json", "baselines/pretrained/config.yaml",
+                 "baselines/pretrained/checkpoints/latest.json"):
         assert name in keys, sorted(keys)
     assert any(k.startswith("events.out.tfevents.") for k in keys) and ".metaray.lock" not in keys
     secrets = [CREDENTIALS["AWS_SECRET_ACCESS_KEY"], CREDENTIALS["AWS_ACCESS_KEY_ID"]]
