@@ -51,11 +51,16 @@ def test_uris_name_their_store_and_never_show_credentials(tmp_path):
     shown = redact("s3://KEY:SECRET@bucket/p?secret_key=s3cr3t&endpoint_override=127.0.0.30:9000&scheme=http")
     assert "SECRET" not in shown and "s3cr3t" not in shown and "KEY" not in shown
     assert shown.startswith("s3://bucket/p?") and "endpoint_override=127.0.0.30:9000" in shown
-    for bad, message in (("s3://bucket?endpoint_override=127.0.0.30:1", "a prefix inside the bucket"),
+    for bad, message in (("s3://bucket?endpoint_override=127.0.0.30:1", "a plain prefix inside the bucket"),
+                         ("s3://bucket/runs/../other?endpoint_override=127.0.0.30:1", "no empty, '.' or '..'"),
+                         ("s3://bucket/%2e%2e/x?endpoint_override=127.0.0.30:1", "no empty, '.' or '..'"),
+                         ("s3://bucket//x?endpoint_override=127.0.0.30:1", "no empty, '.' or '..'"),
+                         ("s3://KEY:SECRET@bucket/run", "credentials in a URI end up in logs"),
                          ("nosuch://bucket/run", "run directory nosuch://bucket/run"),
                          ("file://otherhost/run", "file:///absolute/path")):
         with pytest.raises(ConfigError, match=message):
             RunDir(bad)
+        assert "SECRET" not in redact(bad)
 
 
 def test_a_reader_takes_the_checkpoint_the_manifest_names_and_checks_its_checksum(s3):
@@ -76,8 +81,8 @@ def test_a_reader_takes_the_checkpoint_the_manifest_names_and_checks_its_checksu
     assert RunDir(uri).latest_checkpoint()["iteration"] == 2
     with s3.fs.open_output_stream("metaray/runs/manifest/checkpoints/checkpoint_000002.pt") as f:
         f.write(newest[:-100] + b"x" * 100)  # damaged in the store
-    with pytest.raises(ConfigError, match=r"checkpoint s3://metaray/runs/manifest\?.*checkpoint_000002.pt is "
-                                          r"corrupt: its checksum does not match"):
+    with pytest.raises(ConfigError, match=r"checkpoint s3://metaray/runs/manifest/checkpoints/checkpoint_000002.pt "
+                                          r"is corrupt: its checksum does not match"):
         RunDir(uri).latest_checkpoint()
 
 
@@ -94,6 +99,43 @@ def test_the_lock_lease_refuses_a_second_writer_until_released(s3, monkeypatch):
     with second.lock("metaray eval") as locked:
         assert locked
     assert ".metaray.lock" not in s3.keys("runs/leased")  # released, not left to lapse
+
+
+def test_objects_that_are_not_a_runs_are_never_written_over_or_deleted(s3):
+    cfg = load_config("quickstart", ["outer.iterations=2"])
+    uri = s3.uri("runs/foreign")
+    run = RunDir(uri)
+    run.prepare(cfg, overwrite=False)
+    with s3.fs.open_output_stream("metaray/runs/foreign/NOTES.md") as f:
+        f.write(b"someone's notes")
+    reopened = RunDir(uri)
+    reopened.write_eval([{"policy": "metaray", "return": 1.0}])  # what eval does: a write, then a push
+    reopened.flush()
+    assert s3.fs.open_input_stream("metaray/runs/foreign/NOTES.md").read() == b"someone's notes"
+    with pytest.raises(ConfigError, match=r"not one \(it holds 'NOTES\.md'\); nothing was deleted"):
+        RunDir(uri).check_target(overwrite=True)
+
+
+def test_a_writer_that_lost_its_lease_stops_writing(s3, monkeypatch):
+    """Paused past its lease (or cut off from the store), a writer whose lock was taken over
+    must not write over the new holder; its next write fails in one line."""
+    from metaray.training.storage import StorageError
+
+    monkeypatch.setenv("METARAY_LOCK_LEASE_S", "3")
+    cfg = load_config("quickstart", ["outer.iterations=2"])
+    run = RunDir(s3.uri("runs/lost"))
+    with run.lock("metaray train"):
+        run.prepare(cfg, overwrite=False)
+        with s3.fs.open_output_stream("metaray/runs/lost/.metaray.lock") as f:  # taken over meanwhile
+            f.write(json.dumps({"id": "other", "pid": 1, "host": "elsewhere", "command": "metaray train",
+                                "since": "now", "expires": time.time() + 60}).encode())
+        deadline = time.monotonic() + 10
+        while run.remote.shared.failure is None:
+            assert time.monotonic() < deadline, "the renewal did not notice the lock was taken"
+            time.sleep(0.2)
+        with pytest.raises(StorageError, match="lost its lock to PID 1 on elsewhere"):
+            run.write_config(cfg)
+    assert json.loads(s3.fs.open_input_stream("metaray/runs/lost/.metaray.lock").read())["id"] == "other"
 
 
 def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):

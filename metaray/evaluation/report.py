@@ -114,7 +114,7 @@ def compare_rows(paths: list[str]) -> list[dict[str, Any]]:
             raise ConfigError(run.shown(f"{run.eval_path} holds no evaluation: run `metaray eval {path}` first"))
         mean, se = curves["metaray"]
         row: dict[str, Any] = {
-            "run": str(path), "algorithm": cfg.algorithm, "family": cfg.task.family,
+            "run": run.where, "algorithm": cfg.algorithm, "family": cfg.task.family,
             "iteration": evals[0]["iteration"], "tasks": len({r["task_index"] for r in evals}),
             "return": [float(m) for m in mean], "stderr": [float(s) for s in se],
         }

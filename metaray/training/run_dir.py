@@ -90,7 +90,7 @@ class RunDir:
 
     def shown(self, text: str) -> str:
         """``text`` with the mirror's path replaced by the run directory's URI."""
-        return text.replace(str(self.remote.mirror), self.remote.display) if self.remote is not None else text
+        return text.replace(str(self.remote.mirror), self.remote.base) if self.remote is not None else text
 
     def _sync(self, everything: bool = False) -> None:
         """Push the writes just made to the store (nothing to do for a local directory)."""

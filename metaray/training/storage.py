@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from metaray.config import ConfigError
 
@@ -71,51 +71,115 @@ def local_path(location: str | Path) -> Path | None:
     return None
 
 
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]*@")
+
+
 def _first_line(err: BaseException) -> str:
+    """An error's first line, with any credentials in a URI it quotes removed."""
     text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+    return _USERINFO.sub(r"\1", text.splitlines()[0][:300])
+
+
+_MIRROR_PREFIX = "metaray-mirror-"
+
+
+def _sweep_mirrors() -> None:
+    """Remove the mirrors of this user's metaray processes that are gone (SIGKILL, SIGTERM: no exit hooks)."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{_MIRROR_PREFIX}*-*"):
+        pid = path.name[len(_MIRROR_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive (another user's: EPERM), or vanished meanwhile
+
+
+def _bounded(fs: Any) -> Any:
+    """The same filesystem with bounded waits. pyarrow's defaults give up on an S3 endpoint that
+    accepts but never answers after ~90 s, and retry GCS for up to 15 minutes; these fail in ~30 s."""
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    make, (options,) = fs.__reduce__()
+    if fs.type_name == "s3":
+        options = {**options, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+        for key, seconds in (("connect_timeout", 5.0), ("request_timeout", 10.0)):
+            if options.get(key, -1) < 0:
+                options[key] = seconds
+        return make(options)
+    if fs.type_name == "gcs" and options.get("retry_time_limit") is None:
+        return make({**options, "retry_time_limit": datetime.timedelta(seconds=20)})
+    return fs
+
+
+class _Shared:
+    """What a run directory and the folders inside it (a pretrained baseline) share."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[int, int, int]] = {}  # object key -> (size, mtime_ns, inode) it was made from
+        self.foreign: set[str] = set()  # keys of objects that are not a run's: never written over, never deleted
+        self.failure: str | None = None  # once the store failed or the lease was lost, writes fail at once
+        self.lease_until: float | None = None  # while a lease is held: when it runs out unless renewed
 
 
 class Remote:
     """One remote run directory (or a folder inside one), mirrored at ``mirror``."""
 
-    def __init__(self, uri: str, fs: Any, root: str, mirror: Path, state: dict[str, tuple[int, int]]) -> None:
-        self.uri, self.fs, self.root, self.mirror = uri, fs, root.rstrip("/"), mirror
+    def __init__(self, uri: str, fs: Any, root: str, mirror: Path, shared: _Shared) -> None:
+        self.uri, self.fs, self.root, self.mirror, self.shared = uri, fs, root.rstrip("/"), mirror, shared
         self.display = redact(uri)
-        self.state = state  # object key -> (size, mtime_ns) of the mirror file it was made from
-        self.failure: str | None = None  # once the store failed, later writes fail at once with it
+        """The URI for messages (credentials removed)."""
+        self.base = self.display.split("?", 1)[0].rstrip("/")
+        """The same without the query: what a file inside is shown under."""
 
     @classmethod
     def open(cls, uri: str) -> Remote:
         import pyarrow.fs as pafs
 
+        shown = redact(uri)
+        parts = urlsplit(uri)
+        if "@" in parts.netloc:
+            raise ConfigError(f"run directory {shown}: credentials in a URI end up in logs, job metadata and "
+                              "Serve's config; give them through the environment (AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or the machine's identity")
+        segments = unquote(parts.path).rstrip("/").split("/")[1:]
+        if not segments or any(seg in ("", ".", "..") for seg in segments):
+            raise ConfigError(f"run directory {shown}: give a plain prefix inside the bucket "
+                              "(s3://BUCKET/PREFIX: no empty, '.' or '..' parts), never a whole bucket")
         try:
             fs, root = pafs.FileSystem.from_uri(uri)
+            fs = _bounded(fs)
         except Exception as err:  # ArrowInvalid, OSError: an unknown scheme, a bad query option
-            raise ConfigError(f"run directory {redact(uri)}: {_first_line(err)}") from None
-        if not root.strip("/") or ("/" not in root.strip("/") and fs.type_name in ("s3", "gcs")):
-            raise ConfigError(f"run directory {redact(uri)}: give a prefix inside the bucket "
-                              "(s3://BUCKET/PREFIX), never a whole bucket")
-        mirror = Path(tempfile.mkdtemp(prefix="metaray-mirror-"))
-        remote = cls(uri, fs, root, mirror / "run", {})
+            raise ConfigError(f"run directory {shown}: {_first_line(err)}") from None
+        _sweep_mirrors()
+        mirror = Path(tempfile.mkdtemp(prefix=f"{_MIRROR_PREFIX}{os.getpid()}-"))
+        remote = cls(uri, fs, root, mirror / "run", _Shared())
         remote._finalizer = weakref.finalize(remote, shutil.rmtree, str(mirror), True)
         remote.pull()
         return remote
 
     def child(self, *parts: str) -> Remote:
         """The folder ``parts`` inside this run directory, sharing its mirror and state."""
-        sub = Remote(self.uri, self.fs, "/".join([self.root, *parts]), self.mirror.joinpath(*parts), self.state)
-        sub.display = "/".join([redact(self.uri).split("?")[0].rstrip("/"), *parts])
+        split = urlsplit(self.uri)
+        uri = urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+        sub = Remote(uri, self.fs, "/".join([self.root, *parts]), self.mirror.joinpath(*parts), self.shared)
         sub._parent = self  # keeps the mirror alive as long as the child is used
         return sub
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        import pyarrow as pa
+
         try:
             yield
         except (ConfigError, StorageError):
             raise
-        except OSError as err:
+        except (OSError, ValueError, pa.ArrowException) as err:
             raise StorageError(f"run directory {self.display}: {what} failed: {_first_line(err)}") from None
 
     def _key(self, rel: str) -> str:
@@ -147,8 +211,9 @@ class Remote:
             shutil.rmtree(self.mirror)
         self.mirror.mkdir(parents=True)
         prefix = self._key("")
-        for key in [k for k in self.state if k.startswith(prefix)]:
-            del self.state[key]
+        for key in [k for k in self.shared.state if k.startswith(prefix)]:
+            del self.shared.state[key]
+        self.shared.foreign -= {k for k in self.shared.foreign if k.startswith(prefix)}
         newest = {}  # checkpoints folder -> the newest checkpoint its manifest names (a baseline has its own)
         for rel in sorted(r for r in files if r == MANIFEST or r.endswith(f"/{MANIFEST}")):
             try:
@@ -159,28 +224,38 @@ class Remote:
             folder, _, name = rel.rpartition("/")
             if (name == "latest.json" and folder in newest) or _SKIPPED.fullmatch(rel):
                 continue
-            local = self.mirror / rel
-            local.parent.mkdir(parents=True, exist_ok=True)
-            if not RUN_ENTRIES.fullmatch(rel.split("/", 1)[0]):
-                local.touch()  # a name the run-directory checks refuse; its content is not ours to fetch
-                continue
             if folder in newest and name.startswith("checkpoint_") and name > newest[folder]:
                 continue  # uploaded, but not yet in the manifest: as if never written
-            local.write_bytes(self._fetch(rel))
-            stat = local.stat()
-            self._note(rel, stat.st_size, stat.st_mtime_ns)
+            foreign = not RUN_ENTRIES.fullmatch(rel.split("/", 1)[0])
+            data = b"" if foreign else self._fetch(rel)  # a foreign object's content is not ours to fetch
+            local = self.mirror / rel
+            try:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(data)  # for a foreign object, a stand-in the run-directory checks refuse
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                raise ConfigError(f"run directory {self.display} is not a run directory: it holds both "
+                                  f"{rel.split('/')[0]!r} and objects below {rel.split('/')[0]}/") from None
+            except OSError as err:
+                raise StorageError(f"run directory {self.display}: copying {rel} to {self.mirror} failed: "
+                                   f"{err.strerror or err}") from None
+            if foreign:
+                self.shared.foreign.add(self._key(rel))
+            else:
+                self._note(rel, local.stat())
 
     def _fetch(self, rel: str) -> bytes:
         """An object's bytes; FileNotFoundError passes (the caller lists again), other errors are one line."""
+        import pyarrow as pa
+
         try:
             return self._read(rel)
         except FileNotFoundError:
             raise
-        except OSError as err:
+        except (OSError, pa.ArrowException) as err:
             raise StorageError(f"run directory {self.display}: downloading {rel} failed: {_first_line(err)}") from None
 
-    def _note(self, rel: str, size: int, mtime_ns: int) -> None:
-        self.state[self._key(rel)] = (size, mtime_ns)
+    def _note(self, rel: str, stat: os.stat_result) -> None:
+        self.shared.state[self._key(rel)] = _stamp(stat)
 
     def _read(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self._key(rel)) as f:
@@ -199,38 +274,44 @@ class Remote:
 
     def push(self, everything: bool = False) -> None:
         """Upload what changed in the mirror (oldest write first), the manifest, then the deletions."""
-        if self.failure is not None:  # the store failed already: no minutes of retries per write
-            raise StorageError(self.failure)
+        shared = self.shared
+        if shared.failure is None and shared.lease_until is not None and time.time() > shared.lease_until:
+            shared.failure = (f"run directory {self.display}: this writer's lock lease ran out (paused, or the "
+                              "store unreachable, for longer than the lease); stopped so as not to write over "
+                              "another writer")
+        if shared.failure is not None:  # no minutes of retries per write, no writing after the lease was lost
+            raise StorageError(shared.failure)
         try:
             self._push(everything)
         except StorageError as err:
-            self.failure = str(err)
+            shared.failure = str(err)
             raise
 
     def _push(self, everything: bool) -> None:
+        state = self.shared.state
         with self._errors("uploading"):
-            present: dict[str, tuple[int, int]] = {}
+            present: dict[str, tuple[int, int, int]] = {}
             for path in self.mirror.rglob("*"):
                 rel = path.relative_to(self.mirror).as_posix()
-                if path.is_file() and not _SKIPPED.fullmatch(rel):
-                    stat = path.stat()
-                    present[rel] = (stat.st_size, stat.st_mtime_ns)
-            changed = sorted((stamp[1], rel) for rel, stamp in present.items()
-                             if self.state.get(self._key(rel)) != stamp
+                if path.is_file() and not _SKIPPED.fullmatch(rel) and self._key(rel) not in self.shared.foreign:
+                    present[rel] = _stamp(path.stat())
+            # Oldest write first; at equal times a table's task rows before its metrics row.
+            changed = sorted((stamp[1], rel.startswith("metrics"), rel) for rel, stamp in present.items()
+                             if state.get(self._key(rel)) != stamp
                              and (everything or not _DEFERRED.fullmatch(rel)))
-            for _, rel in changed:
+            for _, _, rel in changed:
                 self._write(rel, (self.mirror / rel).read_bytes())
-                self._note(rel, *present[rel])
+                state[self._key(rel)] = present[rel]
             checkpoints = sorted(r for r in present if re.fullmatch(r"checkpoints/checkpoint_\d+\.pt", r))
-            if any(rel.startswith("checkpoints/") for _, rel in changed) and checkpoints:
+            if any(rel.startswith("checkpoints/") for _, _, rel in changed) and checkpoints:
                 newest = checkpoints[-1]
                 digest = hashlib.sha256((self.mirror / newest).read_bytes()).hexdigest()
                 self._write(MANIFEST, json.dumps({"checkpoint": newest.split("/")[1], "sha256": digest}).encode())
             prefix = self._key("")
-            gone = [k for k in self.state if k.startswith(prefix) and k[len(prefix):] not in present]
+            gone = [k for k in state if k.startswith(prefix) and k[len(prefix):] not in present]
             for key in sorted(gone, key=lambda k: "/checkpoints/" not in k):  # old checkpoints first
                 self.fs.delete_file(key)
-                del self.state[key]
+                del state[key]
 
     def delete_foreign(self) -> None:
         """Delete every object under the prefix that the mirror does not hold (after --overwrite)."""
@@ -242,7 +323,7 @@ class Remote:
                 rel = info.path[len(self.root) + 1:]
                 if info.type == pafs.FileType.File and rel != LOCK_KEY and not (self.mirror / rel).is_file():
                     self.fs.delete_file(info.path)
-                    self.state.pop(info.path, None)
+                    self.shared.state.pop(info.path, None)
 
     @contextmanager
     def lease(self, command: str) -> Iterator[None]:
@@ -256,18 +337,21 @@ class Remote:
         from metaray.training.run_lock import RunDirBusyError
 
         lease_s = lease_seconds()
+        shared = self.shared
         me = {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": os.uname().nodename, "command": command}
         held = self._lock_record()
-        if held is not None and held.get("id") != me["id"] and float(held.get("expires", 0)) > time.time():
+        if held is not None and held.get("id") != me["id"] and _expires(held) > time.time():
             raise RunDirBusyError(f"run directory {self.display} is in use by {_owner(held)}; its lease ends in "
-                                  f"{float(held['expires']) - time.time():.0f} s unless renewed (a lock of a "
+                                  f"{_expires(held) - time.time():.0f} s unless renewed (a lock of a "
                                   "process that died is taken over then)")
         stop = threading.Event()
 
         def write() -> None:
-            record = {**me, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "expires": time.time() + lease_s}
+            until = time.time() + lease_s
+            record = {**me, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "expires": until}
             with self._errors("writing the lock"):
                 self._write(LOCK_KEY, json.dumps(record).encode())
+            shared.lease_until = until
 
         write()
         time.sleep(min(1.0, lease_s / 10))
@@ -278,9 +362,14 @@ class Remote:
         def renew() -> None:
             while not stop.wait(lease_s / 3):
                 try:
+                    holder = self._lock_record()
+                    if (holder or {}).get("id") != me["id"]:  # taken over while this writer was paused
+                        shared.failure = (f"run directory {self.display}: this writer lost its lock to "
+                                          f"{_owner(holder or {})}; stopped so as not to write over it")
+                        return
                     write()
                 except StorageError:
-                    pass  # the store is down: the run's own next write fails and says so
+                    pass  # the store is down: the run's next write fails and says so; the lease runs out
 
         thread = threading.Thread(target=renew, name="metaray-lease", daemon=True)
         thread.start()
@@ -288,7 +377,8 @@ class Remote:
             yield
         finally:
             stop.set()
-            if self.failure is None:  # else the store is down: the lease lapses by itself
+            shared.lease_until = None
+            if shared.failure is None:  # else the store is down or the lock is another's: leave it
                 thread.join()
                 try:
                     if (self._lock_record() or {}).get("id") == me["id"]:
@@ -308,6 +398,20 @@ class Remote:
             return record if isinstance(record, dict) else {}
         except ValueError:
             return {}
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a rewritten file apart: every write replaces the file (a new inode)."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _expires(record: dict[str, Any] | None) -> float:
+    """When a lock record's lease ends; a damaged record's has ended."""
+    try:
+        value = float((record or {}).get("expires", 0))
+    except (TypeError, ValueError):
+        return 0.0
+    return value if value == value else 0.0
 
 
 def _owner(record: dict[str, Any]) -> str:
