@@ -394,6 +394,10 @@ def submit(
         cfg = load_config(config, set_ or [])
         name = Path(config).stem if config.endswith((".yaml", ".yml")) else config
         out = output or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from metaray.training.storage import check_uri, local_path
+
+        if local_path(out) is None:
+            check_uri(out)  # credentials or '..' in it: refused here, not in the job's metadata
         env = jobs.train_runtime_env(jobs.build_runtime_env(runtime_env, working_dir or None, pip or []), cfg)
         client = jobs.job_client(address, auth_token_file)
         job_id = jobs.submit(client, jobs.train_entrypoint(out), env)

@@ -80,6 +80,21 @@ def _first_line(err: BaseException) -> str:
     return _USERINFO.sub(r"\1", text.splitlines()[0][:300])
 
 
+def check_uri(uri: str) -> str:
+    """Refuse a remote run directory's URI that is unsafe whatever the store says; returns it as shown."""
+    shown = redact(uri)
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        raise ConfigError(f"run directory {shown}: credentials in a URI end up in logs, job metadata and "
+                          "Serve's config; give them through the environment (AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or the machine's identity")
+    segments = unquote(parts.path).rstrip("/").split("/")[1:]
+    if not segments or any(seg in ("", ".", "..") for seg in segments):
+        raise ConfigError(f"run directory {shown}: give a plain prefix inside the bucket "
+                          "(s3://BUCKET/PREFIX: no empty, '.' or '..' parts), never a whole bucket")
+    return shown
+
+
 _MIRROR_PREFIX = "metaray-mirror-"
 
 
@@ -141,16 +156,7 @@ class Remote:
     def open(cls, uri: str) -> Remote:
         import pyarrow.fs as pafs
 
-        shown = redact(uri)
-        parts = urlsplit(uri)
-        if "@" in parts.netloc:
-            raise ConfigError(f"run directory {shown}: credentials in a URI end up in logs, job metadata and "
-                              "Serve's config; give them through the environment (AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or the machine's identity")
-        segments = unquote(parts.path).rstrip("/").split("/")[1:]
-        if not segments or any(seg in ("", ".", "..") for seg in segments):
-            raise ConfigError(f"run directory {shown}: give a plain prefix inside the bucket "
-                              "(s3://BUCKET/PREFIX: no empty, '.' or '..' parts), never a whole bucket")
+        shown = check_uri(uri)
         try:
             fs, root = pafs.FileSystem.from_uri(uri)
             fs = _bounded(fs)
