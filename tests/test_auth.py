@@ -23,7 +23,7 @@ import pytest
 from metaray.config import ConfigError
 from metaray.runtime.auth import MAX_TOKEN_FILE_BYTES, read_token_file
 from metaray.service.jobs import build_runtime_env
-from tests.conftest import ROOT, TOKEN_HEAD
+from tests.conftest import ROOT, SERVICE_TOKEN, TOKEN_HEAD
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -146,7 +146,10 @@ def test_serve_with_the_token_answers_healthz(token_cluster, trained):
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                resp = requests.get(f"http://{TOKEN_HEAD}:{port}/healthz", timeout=2)
+                # The cluster's nodes carry the service's bearer token too (a RayService pod's
+                # environment, tests/conftest.py), and a replica uses the one it finds.
+                resp = requests.get(f"http://{TOKEN_HEAD}:{port}/healthz", timeout=2,
+                                    headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
                 if resp.status_code == 200:
                     break
             except requests.RequestException:

@@ -16,6 +16,7 @@ URI's own query) and are never written anywhere: the URI shown in messages has t
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -25,7 +26,6 @@ import tempfile
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +98,15 @@ def check_uri(uri: str) -> str:
 _MIRROR_PREFIX = "metaray-mirror-"
 
 
+_MIRRORS: list[Path] = []
+"""This process's mirrors, removed at exit (a killed process's, by the next one: ``_sweep_mirrors``)."""
+
+
+def _remove_mirrors() -> None:
+    for path in _MIRRORS:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _sweep_mirrors() -> None:
     """Remove the mirrors of this user's metaray processes that are gone (SIGKILL, SIGTERM: no exit hooks)."""
     root = Path(tempfile.gettempdir())
@@ -164,8 +173,10 @@ class Remote:
             raise ConfigError(f"run directory {shown}: {_first_line(err)}") from None
         _sweep_mirrors()
         mirror = Path(tempfile.mkdtemp(prefix=f"{_MIRROR_PREFIX}{os.getpid()}-"))
+        if not _MIRRORS:
+            atexit.register(_remove_mirrors)
+        _MIRRORS.append(mirror)
         remote = cls(uri, fs, root, mirror / "run", _Shared())
-        remote._finalizer = weakref.finalize(remote, shutil.rmtree, str(mirror), True)
         remote.pull()
         return remote
 
@@ -174,7 +185,6 @@ class Remote:
         split = urlsplit(self.uri)
         uri = urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
         sub = Remote(uri, self.fs, "/".join([self.root, *parts]), self.mirror.joinpath(*parts), self.shared)
-        sub._parent = self  # keeps the mirror alive as long as the child is used
         return sub
 
     @contextmanager
