@@ -241,9 +241,10 @@ def test_a_bad_token_file_is_a_usage_error_on_the_command_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_runtime_env_carrying_the_token_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "METARAY_SERVE_TOKEN"])
+def test_a_runtime_env_carrying_a_secret_is_refused(tmp_path, name):
     env_file = tmp_path / "env.yaml"
-    env_file.write_text("env_vars: {RAY_AUTH_TOKEN: abc}\n")
-    with pytest.raises(ConfigError, match="would put the cluster's token in the job's metadata") as caught:
+    env_file.write_text(f"env_vars: {{{name}: abc}}\n")
+    with pytest.raises(ConfigError, match=rf"\['{name}'\] would put a secret in the job's metadata") as caught:
         build_runtime_env(env_file, None, [])
     assert "abc" not in str(caught.value)

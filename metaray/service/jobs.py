@@ -61,12 +61,13 @@ def build_runtime_env(runtime_env_file: Path | None, working_dir: str | None, pi
         env["pip"] = [*env.get("pip", []), *pip]
     env.setdefault("env_vars", {}).setdefault("PYTHONUNBUFFERED", "1")
     if secret := SECRET_ENV_VARS & set(env["env_vars"]):
-        raise ConfigError(f"runtime environment: env_vars {sorted(secret)} would put the cluster's token in the "
-                          "job's metadata; leave them out: the job's driver runs on the head, which has the token")
+        raise ConfigError(f"runtime environment: env_vars {sorted(secret)} would put a secret in the job's "
+                          "metadata; leave them out: the job's driver runs on the head, which has the cluster's "
+                          "token, and takes store credentials from the head's environment or identity")
     return env
 
 
-SECRET_ENV_VARS = {"RAY_AUTH_TOKEN"}
+SECRET_ENV_VARS = {"RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "METARAY_SERVE_TOKEN"}
 """A runtime environment is job metadata, readable by anyone who can list the cluster's jobs."""
 
 
