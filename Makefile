@@ -23,7 +23,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check metaray tests
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 bench: $(STAMP)
 	$(BIN)/metaray bench --output bench.json

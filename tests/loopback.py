@@ -252,15 +252,22 @@ class LoopbackCluster:
         return node
 
     def add_node(self, ip: str, params: dict[str, str], object_store_bytes: int = 100 * 1024**2) -> Node:
-        before = self.alive_nodes()
+        """Start a node on ``ip`` and wait until the cluster lists it alive, by address: a count of
+        alive nodes taken before can be short while the dashboard is still catching up (seen on a
+        loaded 2-core CI machine), which made this wait for a node that had joined already."""
         args = [f"--address={self.address}", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
                 *[f"--{k}={v}" for k, v in params.items()]]
         node = self._start(ip, args, {})
         node.params, node.object_store_bytes = dict(params), object_store_bytes
-        deadline = time.monotonic() + 60
-        while self.alive_nodes() <= before:
+        deadline = time.monotonic() + 120
+        while ip not in self.alive_ips():
             if node.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {ip} did not join: {node.log.read_text()[-2000:]}")
+                try:
+                    seen = f"the dashboard lists {sorted(self.alive_ips()) or 'no node'} alive"
+                    self._nodes_summary()
+                except OSError as err:
+                    seen = f"the dashboard does not answer ({err})"
+                raise RuntimeError(f"node {ip} did not join ({seen}): {node.log.read_text()[-2000:]}")
             time.sleep(0.2)
         return node
 
