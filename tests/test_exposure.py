@@ -74,11 +74,17 @@ def test_serve_listens_on_loopback_only(nav_run: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
+    since: list[float] = []
+
     def serving(_seen: set) -> bool:
+        """Answering for 5 s: a replica opens its inter-deployment gRPC server after it is up."""
         try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code != 200:
+                return False
         except requests.RequestException:
             return False
+        since[:] = since or [time.monotonic()]
+        return time.monotonic() - since[0] >= 5
 
     seen, out = _watch(["serve", str(nav_run), "--port", str(port)], until_s=180, stop_when=serving)
     assert any(p == port for _, _, _, p in seen), out

@@ -319,6 +319,29 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+def _bind_replica_grpc_to_node_ip() -> None:
+    """Make this replica's inter-deployment gRPC server listen on the node's address, not ``[::]``.
+
+    Ray Serve 2.60 starts it on every interface once the replica is initialized, where Ray's
+    own servers bind to the node's address; with RAY_AUTH_MODE=disabled it is then open to any
+    host. metaray has one deployment, and Serve's callers reach a replica at its node's address,
+    so nothing is lost. A Ray without this hook is left as is (tests/test_exposure.py checks)."""
+    import ray
+    from ray.serve._private import replica
+
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_metaray", False):
+        return
+    node_ip = ray.util.get_node_ip_address()
+    node_ip = f"[{node_ip}]" if ":" in node_ip else node_ip  # an IPv6 node
+
+    def bound(server: Any, address: str) -> int:
+        return original(server, f"{node_ip}:0" if address == "[::]:0" else address)
+
+    bound._metaray = True
+    replica.add_port_to_grpc_server = bound
+
+
 @serve.deployment
 @serve.ingress()  # the app is built per replica (__serve_build_asgi_app__), from its settings
 class AdaptationService:
@@ -329,6 +352,7 @@ class AdaptationService:
         from metaray.training.run_dir import RunDir
         from metaray.training.trainer import check_compatible
 
+        _bind_replica_grpc_to_node_ip()  # before Serve starts the replica's gRPC server, right after this
         run = RunDir(opts.run_dir)
         config, checkpoint = run.load_model()  # also for a RayService, which has no CLI to check first
         self.opts, self.config = opts, config
