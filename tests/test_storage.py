@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,10 +25,18 @@ LONG = ["--set", "outer.iterations=100000", "--set", "outer.meta_batch_size=2", 
         "--set", "eval.tasks=1"]
 
 
-def _start_long_run(uri: str, ray_address: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "metaray.cli", "train", "quickstart", "--output", uri,
+@contextmanager
+def _long_run(uri: str, ray_address: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A `train` that runs until stopped, killed on the way out whatever the test did."""
+    proc = subprocess.Popen([sys.executable, "-m", "metaray.cli", "train", "quickstart", "--output", uri,
                              "--address", ray_address, *LONG], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_for_checkpoints(s3: MotoS3, prefix: str, proc: subprocess.Popen, count: int) -> None:
@@ -148,17 +158,12 @@ def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
     prefix = "runs/killed"
     uri = s3.uri(prefix)
     env = {**os.environ, "METARAY_LOCK_LEASE_S": "4"}
-    first = _start_long_run(uri, ray_address, env)
-    try:
+    with _long_run(uri, ray_address, env) as first:
         _wait_for_checkpoints(s3, prefix, first, 3)
         busy = _cli("train", "--resume", uri, "--set", "seed=7", env=env)
         assert busy.returncode == 2 and f"is in use by PID {first.pid} on" in busy.stderr, busy.stderr
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     killed = RunDir(uri)
     done = int(killed.latest_checkpoint()["iteration"])
     rows = _iterations(killed)
@@ -210,15 +215,10 @@ def test_an_endpoint_that_goes_down_fails_the_run_in_one_line_and_resume_complet
         prefix = "runs/outage"
         uri = s3.uri(prefix)
         env = {**os.environ, "METARAY_LOCK_LEASE_S": "4"}
-        proc = _start_long_run(uri, ray_address, env)
-        try:
+        with _long_run(uri, ray_address, env) as proc:
             _wait_for_checkpoints(s3, prefix, proc, 2)
             s3.stop()
             proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         err = proc.stderr.read()
         assert proc.returncode == 1, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -315,13 +315,16 @@ class Remote:
             changed = sorted((stamp[1], rel.startswith("metrics"), rel) for rel, stamp in present.items()
                              if state.get(self._key(rel)) != stamp
                              and (everything or not _DEFERRED.fullmatch(rel)))
-            for _, _, rel in changed:
-                self._write(rel, (self.mirror / rel).read_bytes())
-                state[self._key(rel)] = present[rel]
             checkpoints = sorted(r for r in present if re.fullmatch(r"checkpoints/checkpoint_\d+\.pt", r))
-            if any(rel.startswith("checkpoints/") for _, _, rel in changed) and checkpoints:
-                newest = checkpoints[-1]
-                digest = hashlib.sha256((self.mirror / newest).read_bytes()).hexdigest()
+            newest, digest = (checkpoints[-1] if checkpoints else None), None
+            for _, _, rel in changed:
+                data = (self.mirror / rel).read_bytes()
+                self._write(rel, data)
+                state[self._key(rel)] = present[rel]
+                if rel == newest:  # hashed from the bytes just uploaded, not read again
+                    digest = hashlib.sha256(data).hexdigest()
+            if any(rel.startswith("checkpoints/") for _, _, rel in changed) and newest is not None:
+                digest = digest or hashlib.sha256((self.mirror / newest).read_bytes()).hexdigest()
                 self._write(MANIFEST, json.dumps({"checkpoint": newest.split("/")[1], "sha256": digest}).encode())
             prefix = self._key("")
             gone = [k for k in state if k.startswith(prefix) and k[len(prefix):] not in present]
