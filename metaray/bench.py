@@ -67,6 +67,21 @@ def rollout_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
+    """RL²'s sampling path (trials of ``rl2.episodes_per_trial`` episodes, one recurrent step
+    per time step for all of a task's trials, GAE), no learning, no Ray."""
+    from metaray.core.trial_worker import sample_trials
+
+    runner = TaskWorker(config)
+    task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
+    flat, rng = flatten(runner.template).numpy(), np.random.default_rng(0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        (trials,), _ = sample_trials(runner, flat, [(0, task, rng)], config.rl2.episodes_per_trial)
+        steps += trials.steps
+    return steps / (time.perf_counter() - start)
+
+
 def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> dict[str, Any]:
     """The cost of fixed sampling groups (see README, Reproducibility): one worker's share of
     ``tasks`` tasks sampled together, with every task in one policy forward per step (how
@@ -191,11 +206,14 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
         short += ["outer.meta_batch_size=4", "inner.episodes=4"]
     maml = load_config("navigation2d-maml", short)
     reptile = load_config("cartpole-reptile", short)
+    rl2 = load_config("navigation2d-rl2", short)
     out: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__},
         "settings": {"navigation2d_maml_trpo": "navigation2d-maml preset: meta-batch 20, 20 episodes per inner step, "
                      "horizon 100, one inner step, hidden 64x64, TRPO", "cartpole_reptile": "cartpole-reptile preset",
+                     "navigation2d_rl2": "navigation2d-rl2 preset: meta-batch 20, 20 trials of 2 episodes of 100 "
+                     "steps per task, GRU 128, PPO 4 epochs x 2 minibatches",
                      "iterations": iterations, "warmup": warmup},
         "rollout": {},
     }
@@ -204,11 +222,16 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
         limit, rollout = limit_steps_per_s(cfg), rollout_steps_per_s(cfg)
         out["rollout"][name] = {"parallel_episodes": cfg.inner.episodes, "limit_steps_per_s": limit,
                                 "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit}
+    trials = trial_steps_per_s(rl2)
+    out["rollout"]["navigation2d_rl2"] = {
+        "parallel_trials": rl2.inner.episodes, "trial_steps_per_s": trials,
+        "vs_mlp_rollout": trials / out["rollout"]["navigation2d"]["rollout_steps_per_s"]}
     # One worker's share of the paper settings' meta-batch (20 tasks over 2 workers).
     out["sampling_groups"] = group_sampling_speed(maml, max(1, maml.outer.meta_batch_size // 2))
     with ray_session(None, 2):
         out["navigation2d_maml_trpo"] = training_speed(maml, iterations, warmup)
         out["cartpole_reptile"] = training_speed(reptile, iterations, warmup)
+        out["navigation2d_rl2"] = training_speed(rl2, iterations, warmup)
         one = training_speed(load_config("navigation2d-maml", [*short, "resources.num_workers=1"]), iterations, warmup)
     two = out["navigation2d_maml_trpo"]["train_steps_per_s"]
     out["workers_scaling"] = {"setting": "navigation2d_maml_trpo", "1": one["train_steps_per_s"], "2": two,

@@ -164,9 +164,14 @@ def train(
         mean, se = result.mean_return, result.stderr_return
         typer.echo(f"done in {time.perf_counter() - start:.1f}s")
         typer.echo(f"held-out tasks: {cfg.eval.tasks} (never seen in training)")
-        typer.echo(f"  pre-adaptation return:  {mean[0]:10.3f} ± {se[0]:.3f}")
+        rate = [f"   success {s:.2f}" for s in result.mean_success] if result.has_success else [""] * len(mean)
+        if _memory_based(cfg.algorithm):  # RL²: the k-th episode of a trial, no gradient step
+            for k in range(len(mean)):
+                typer.echo(f"  episode {k + 1} of a trial: {mean[k]:10.3f} ± {se[k]:.3f}{rate[k]}")
+            return
+        typer.echo(f"  pre-adaptation return:  {mean[0]:10.3f} ± {se[0]:.3f}{rate[0]}")
         for k in range(1, len(mean)):
-            typer.echo(f"  after {k} step{'s' if k > 1 else ' '}:         {mean[k]:10.3f} ± {se[k]:.3f}")
+            typer.echo(f"  after {k} step{'s' if k > 1 else ' '}:         {mean[k]:10.3f} ± {se[k]:.3f}{rate[k]}")
 
     with ExitStack() as stack:  # the run directory's lock, released when the run is over
         _run_guarded(lambda: run(stack))
@@ -176,7 +181,9 @@ def train(
 def eval_(
     run_dir: Annotated[str, typer.Argument(help="A run directory written by train (a path or a URI).")],
     tasks: Annotated[int, typer.Option(min=1, max=10_000, help="Held-out tasks.")] = 40,
-    steps: Annotated[int, typer.Option(min=0, max=50, help="Adaptation steps (0..K are reported).")] = 3,
+    steps: Annotated[int | None, typer.Option(
+        min=0, max=50, help="Adaptation steps (0..K are reported; default 3). For rl2, episodes of a trial after "
+                            "the first (default: rl2.episodes_per_trial - 1).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
                                              help="Seed of the held-out stream (default: the run's).")] = None,
     baselines: Annotated[str | None, typer.Option(
@@ -206,6 +213,8 @@ def eval_(
         with rd.lock("metaray eval"):  # eval.parquet and the pretrained baseline are written into the run
             _evaluate(rd, names)
 
+    steps_given = steps
+
     def _evaluate(rd: RunDir, names: list[str]) -> None:
         import torch
 
@@ -224,6 +233,8 @@ def eval_(
             raise ConfigError(f"{rd.shown(str(rd.checkpoint_files()[-1]))} holds non-finite (NaN or inf) parameters: "
                               "nothing to evaluate")
         eval_seed = cfg.seed if seed is None else seed
+        steps = (min(cfg.rl2.episodes_per_trial - 1, 50) if _memory_based(cfg.algorithm) else 3) \
+            if steps_given is None else steps_given
         # With --json, stdout carries the JSON alone; progress goes to stderr.
         progress = make_progress(sys.stderr if as_json else sys.stdout)
         with ray_session(address, cfg.resources.num_workers * cfg.resources.cpus_per_worker):
@@ -251,15 +262,31 @@ def eval_(
     _run_guarded(run)
 
 
+def _memory_based(algorithm: str) -> bool:
+    """Whether ``algorithm`` adapts in a recurrent state (RL²): "step k" is then a trial's k-th episode."""
+    from metaray.algorithms.base import resolve_algorithm
+
+    try:
+        return resolve_algorithm(algorithm).memory_based
+    except ValueError:
+        return False
+
+
 def _print_eval(run_dir: str, ckpt: dict, tasks: int, steps: int, eval_seed: int, results: dict,
                 summary: dict) -> None:
     """The evaluation as a table: mean ± stderr per adaptation step, one column per policy."""
     typer.echo(f"{run_dir} at iteration {ckpt['iteration']}: {tasks} held-out tasks, seed {eval_seed}")
+    if _memory_based(str(ckpt.get("config", {}).get("algorithm", ""))):
+        typer.echo("steps k: the (k+1)-th episode of a trial; the recurrent state adapts, no gradient step")
     header = f"{'steps':>5}" + "".join(f"  {name:>22}" for name in results)
     typer.echo(header + "\n" + f"{'':>5}" + "".join(f"  {'mean ± stderr':>22}" for _ in results))
     for k in range(steps + 1):
         cells = "".join(f"  {r.mean_return[k]:12.3f} ± {r.stderr_return[k]:7.3f}" for r in results.values())
         typer.echo(f"{k:>5}{cells}")
+    if any(r.has_success for r in results.values()):
+        typer.echo("success rate (episodes that met the task's success criterion at any step)")
+        for k in range(steps + 1):
+            typer.echo(f"{k:>5}" + "".join(f"  {r.mean_success[k]:22.3f}" for r in results.values()))
     if "ppo" in summary:
         p = summary["ppo"]
         bound = " (at least: some tasks never reached it)" if p["ratio_is_lower_bound"] else ""
@@ -359,7 +386,8 @@ def runs_compare(
         sys.stdout.write(json.dumps(rows) + "\n")
         return
     steps = max(len(r["return"]) for r in rows)
-    table = Table(title="held-out return after k adaptation steps (mean ± stderr)")
+    table = Table(title="held-out return after k adaptation steps (rl2: in the (k+1)-th episode of a trial; "
+                        "mean ± stderr)")
     for col in ["run", "algorithm", "family", "iteration", "tasks", *[f"k={k}" for k in range(steps)],
                 "random", "pretrained"]:
         table.add_column(col, justify="left" if col in ("run", "algorithm", "family") else "right", no_wrap=True)

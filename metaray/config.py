@@ -75,7 +75,7 @@ class InnerConfig(_Section):
     lr: float = Field(0.1, gt=0)
     """Inner (adaptation) step size, as in the MAML paper."""
     episodes: int = Field(20, ge=1, le=10_000)
-    """Episodes collected per inner step per task (at most 10,000)."""
+    """Episodes collected per inner step per task (at most 10,000); for rl2, trials per task."""
 
 
 class TRPOConfig(_Section):
@@ -104,6 +104,30 @@ class ReptileConfig(_Section):
     post_batch: bool = False
     """Also sample a batch at the adapted parameters, only to report the post-adaptation return
     (its env steps are counted apart, as metric_env_steps)."""
+
+
+class RL2Config(_Section):
+    """RL²'s recurrent policy, trials and PPO outer step (used only by algorithm rl2)."""
+
+    hidden_size: int = Field(128, ge=1, le=MAX_WIDTH)
+    """Width of the GRU (the policy's memory); policy.hidden_sizes and activation are unused by rl2."""
+    episodes_per_trial: int = Field(2, ge=1, le=100)
+    """Episodes of one task per trial; the recurrent state carries across them and resets between trials.
+    Each task of the meta-batch samples inner.episodes trials."""
+    memory: bool = True
+    """False resets the state every step and hides the previous action and reward: the memoryless ablation."""
+    epochs: int = Field(4, ge=1, le=100)
+    """PPO epochs over one iteration's trials."""
+    minibatches: int = Field(2, ge=1, le=1000)
+    """Minibatches per epoch, each a share of every task's trials (at most inner.episodes)."""
+    clip: float = Field(0.2, gt=0, lt=1)
+    """Clipping range of PPO's likelihood ratio."""
+    value_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss 0.5 * (V - return)^2 (the value head shares the GRU)."""
+    entropy_coef: float = Field(0.01, ge=0)
+    """Weight of the entropy bonus."""
+    max_grad_norm: float = Field(0.5, gt=0)
+    """Each optimizer step's mean gradient is scaled down to at most this norm."""
 
 
 class OuterConfig(_Section):
@@ -170,12 +194,12 @@ class EvalConfig(_Section):
     tasks: int = Field(20, ge=1, le=10_000)
     """Held-out tasks evaluated at the end of training (at most 10,000)."""
     steps: int = Field(1, ge=0, le=50)
-    """Adaptation steps evaluated at the end of training."""
+    """Adaptation steps evaluated at the end of training (rl2: episodes of the trial after the first)."""
 
 
 class Config(_Section):
     algorithm: str = "maml"
-    """maml, fomaml, reptile, promp, pretrain (the no-adaptation baseline) or an import path module:Class."""
+    """maml, fomaml, reptile, promp, rl2, pretrain (the no-adaptation baseline) or an import path module:Class."""
     seed: int = Field(0, ge=0, le=2**63 - 1)
     """Root of every random stream of the run (a 64-bit signed integer, as the run's tables store it)."""
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -186,6 +210,7 @@ class Config(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    rl2: RL2Config = Field(default_factory=RL2Config)
 
     @field_validator("algorithm")
     @classmethod
@@ -203,6 +228,7 @@ class Config(_Section):
         if self.outer.optimizer not in supported:
             raise ValueError(f"outer.optimizer {self.outer.optimizer!r} does not fit algorithm {self.algorithm!r}; "
                              f"use {' or '.join(map(repr, supported))}")
+        resolve_algorithm(self.algorithm).check_config(self)  # ValueError naming the fields
         return self
 
 

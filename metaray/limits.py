@@ -259,9 +259,26 @@ def estimate_memory(config: Config, spec: SpaceSpec | None = None, embedded: boo
     horizon, tasks = config.rollout.horizon, tasks_per_worker(config)
     n_params = count_params(spec, config.policy.hidden_sizes)
     hidden = sum(config.policy.hidden_sizes)
+    discount_steps = horizon
+    from metaray.algorithms.base import resolve_algorithm
+
+    if resolve_algorithm(config.algorithm).memory_based:  # RL²: one batch of trials; the GRU keeps ~6 gates a step
+        width, inputs = config.rl2.hidden_size, spec.obs_dim + spec.act_dim + 2
+        batches, steps, discount_steps = 1, steps * config.rl2.episodes_per_trial, 0
+        dims = [width + inputs, *config.policy.hidden_sizes]
+        n_params = 3 * width * (inputs + width + 2) + sum(a * b + b for a, b in itertools.pairwise(dims)) + \
+            (dims[-1] + 1) * (spec.act_dim + 1) + (0 if spec.discrete else spec.act_dim)
+        hidden = 3 * width + sum(config.policy.hidden_sizes)
     f32, f64 = 4, 8
+    from metaray.tasks import resolve_family_class
+
+    try:  # a family may declare what one env holds (Meta-World's hold a MuJoCo model each)
+        env_bytes = int(getattr(resolve_family_class(config.task.family), "env_bytes", 0))
+    except ValueError:
+        env_bytes = 0
     per_worker = {
         "process": WORKER_BASE,
+        "envs": tasks * config.inner.episodes * env_bytes,
         # Every batch of every task it holds, with the sampler's buffers and the linear baseline's
         # float64 features on the way (measured: 270 bytes a step for 2 observation and 2 action
         # dimensions, 5 to 10 tasks, 100,000 steps a batch).
@@ -269,7 +286,7 @@ def estimate_memory(config: Config, spec: SpaceSpec | None = None, embedded: boo
         # One task's graph: each batch's activations, and their gradients with create_graph
         # (measured: 1,600 to 3,900 bytes a step for hidden_sizes [64, 64] to [256, 256]).
         "graph": batches * steps * f32 * (spec.obs_dim + 5 * hidden + 4 * spec.act_dim),
-        "discounting": 3 * horizon * horizon * f64,
+        "discounting": 3 * discount_steps * discount_steps * f64,
         # parameters, inner steps, gradients and optimizer temporaries; each task's update vector
         "parameters": f32 * n_params * (12 + 4 * config.inner.steps) + f32 * n_params * 3 * tasks,
     }
@@ -281,6 +298,7 @@ def estimate_memory(config: Config, spec: SpaceSpec | None = None, embedded: boo
     causes = {
         "processes": w * per_worker["process"] + learner["process"] + driver["process"] + ray_bytes,
         "episodes": w * per_worker["episodes"],
+        "envs": w * per_worker["envs"],
         "graph": w * per_worker["graph"],
         "discounting": w * per_worker["discounting"],
         "parameters": w * per_worker["parameters"] + learner["parameters"] + driver["parameters"],
@@ -305,6 +323,7 @@ CAUSE_KEYS = {
     "processes": "resources.num_workers (one process each)",
     "episodes": "inner.episodes x rollout.horizon x inner.steps x tasks per worker "
                 "(outer.meta_batch_size / resources.num_workers)",
+    "envs": "inner.episodes x tasks per worker (the family's env_bytes each)",
     "graph": "inner.episodes x rollout.horizon x policy.hidden_sizes",
     "discounting": "rollout.horizon (a horizon x horizon discount matrix)",
     "parameters": "policy.hidden_sizes",

@@ -147,7 +147,8 @@ class _FakeOuter:
 
 
 def test_promp_later_steps_reject_non_finite_gradients():
-    cfg = load_config("quickstart", ["algorithm=promp", "outer.optimizer=sgd", "outer.promp.steps=3"])
+    cfg = load_config("quickstart", ["algorithm=promp", "outer.optimizer=sgd", "outer.promp.steps=3",
+                                     "outer.meta_batch_size=3"])
     promp = ProMP(cfg, None, None)
     good, bad = np.full(4, 0.5, dtype=np.float32), np.array([1.0, np.nan, 0.0, 0.0], dtype=np.float32)
     outer = _FakeOuter(torch.zeros(4), [good, bad, good])
@@ -155,7 +156,7 @@ def test_promp_later_steps_reject_non_finite_gradients():
     assert outer.asked == 2 and outer.rejected == 2, "one non-finite answer in each of steps 2 and 3"
     # Step 1 applies the mean (1.0); steps 2 and 3 the mean of the finite answers only (0.5 each).
     assert torch.equal(outer.params.detach(), torch.full((4,), -2.0))
-    # Fewer finite answers than resources.min_valid_fraction (0.5): no further step on this batch.
+    # Fewer finite answers than resources.min_valid_fraction (0.5) of the meta-batch: no further step on it.
     outer = _FakeOuter(torch.zeros(4), [bad, bad, good])
     promp.outer_step(outer, torch.ones(4))
     assert outer.asked == 1 and outer.rejected == 2 and torch.equal(outer.params.detach(), torch.full((4,), -1.0))

@@ -19,8 +19,10 @@ OPTIMIZERS = {"maml": ["adam", "trpo"], "fomaml": ["adam"], "reptile": ["sgd"], 
               "promp": ["adam"]}
 
 
-# The MuJoCo families train in their own smoke test below (slower envs, larger policies).
-FAST_FAMILIES = sorted(n for n, cls in BUILTIN_FAMILIES.items() if hasattr(cls, "make_batched_env"))
+# The MuJoCo families train in their own smoke tests (slower envs, larger policies): the locomotion
+# ones below, Meta-World's (a batched env of pooled MuJoCo envs) in test_metaworld.py.
+FAST_FAMILIES = sorted(n for n, cls in BUILTIN_FAMILIES.items()
+                       if hasattr(cls, "make_batched_env") and not n.startswith("metaworld"))
 
 
 @pytest.mark.parametrize("family", FAST_FAMILIES)

@@ -245,6 +245,10 @@ def test_cli_refuses_unbounded_sizes_before_writing(tmp_path: Path, override):
 def test_presets_fit_a_24_gib_two_core_machine():
     for name in preset_names():
         cfg = load_config(name)
+        if name.startswith("ml10-"):  # sized for a cluster (README): each worker fits a 4 GiB node
+            estimate = estimate_memory(cfg, embedded=False)
+            assert estimate["worker"] < 3 * GiB and estimate["learner"] < 2 * GiB, (name, estimate)
+            continue
         estimate = estimate_memory(cfg)
         assert estimate["total"] < 6 * GiB, (name, estimate)
         check_embedded(cfg, estimate, cpus=2, available=20 * GiB)  # 24 GiB less what the system holds

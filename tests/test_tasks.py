@@ -12,7 +12,8 @@ from gymnasium.utils.env_checker import check_env
 from metaray.tasks import BUILTIN_FAMILIES, make_family
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN_FAMILIES))
+# Meta-World's contract has its own tests (test_metaworld.py): building ML10's tasks takes seconds.
+@pytest.mark.parametrize("name", sorted(n for n in BUILTIN_FAMILIES if n != "metaworld-ml10"))
 def test_family_contract(name):
     family = make_family(name, {})
     tasks = family.sample_tasks(5, np.random.default_rng(0))
@@ -64,7 +65,9 @@ def test_bandit_pays_each_arm_at_its_rate():
     assert np.allclose(rates, [0.1, 0.5, 0.9], atol=0.03)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, cls in BUILTIN_FAMILIES.items() if hasattr(cls, "make_batched_env")))
+# Meta-World's batched env (pooled MuJoCo envs) is compared with fresh envs in test_metaworld.py.
+@pytest.mark.parametrize("name", sorted(n for n, cls in BUILTIN_FAMILIES.items()
+                                        if hasattr(cls, "make_batched_env") and not n.startswith("metaworld")))
 def test_batched_dynamics_match_the_gymnasium_envs_step_for_step(name):
     """Speed never changes semantics: same seeds and actions, same observations, rewards, ends."""
     from metaray.tasks.batched import EnvList

@@ -22,10 +22,12 @@ import torch
 
 from metaray.algorithms.adapt import adapt
 from metaray.algorithms.losses import pg_loss
-from metaray.core.policy import Params, Policy, unflatten
+from metaray.core.policy import Params, Policy, SpaceSpec, build_policy, unflatten
 from metaray.core.rollout import Episodes
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from metaray.config import Config
 
 
@@ -52,6 +54,17 @@ class OuterContext(Protocol):
         """``worker_half.answer(kept, request, *args)`` for every counted task, in task order."""
 
 
+def finite_mean(outer: OuterContext, parts: list[np.ndarray], config: Config) -> torch.Tensor | None:
+    """The mean of the finite answers to a gradient request, the others counted as rejected;
+    None when fewer than ``resources.min_valid_fraction`` of the meta-batch answered finitely
+    (take no step on them), the rule of an iteration's first step."""
+    finite = [p for p in parts if np.isfinite(p).all()]
+    outer.rejected += len(parts) - len(finite)  # rejected and counted like the first step's
+    if len(finite) < config.resources.min_valid_fraction * config.outer.meta_batch_size:
+        return None
+    return torch.as_tensor(np.mean(finite, axis=0))
+
+
 class Algorithm:
     """Base class: MAML's sampling scheme and a plain optimizer step; override what differs."""
 
@@ -61,6 +74,23 @@ class Algorithm:
     """Batch k+1 is sampled at the parameters after k inner steps; False: every batch at theta."""
     post_batch_for_metrics_only: ClassVar[bool] = False
     """The post-adaptation batch is not training data (its env steps are counted apart)."""
+    memory_based: ClassVar[bool] = False
+    """Adapts in a recurrent policy's state over a trial of episodes (RL²), not by inner steps:
+    the worker samples trials, and "adaptation step k" means the trial's k-th episode."""
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Raise ValueError naming the fields when ``config`` does not fit this algorithm."""
+
+    @classmethod
+    def make_policy(cls, spec: SpaceSpec, config: Config) -> nn.Module:
+        """The policy this algorithm trains; its initial weights depend only on the config's seed."""
+        return build_policy(spec, config.policy, config.seed)
+
+    @classmethod
+    def no_adaptation(cls, config: Config) -> Config:
+        """The config of the "pretrained" baseline: the same budget with nothing learnt to adapt."""
+        return config.model_copy(update={"algorithm": "pretrain"}, deep=True)
 
     def __init__(self, config: Config, policy: Policy | None, template: Params | None) -> None:
         """On a worker ``policy`` and ``template`` (the parameter names and shapes) are set; the
@@ -111,6 +141,7 @@ ALGORITHMS: dict[str, str] = {
     "reptile": "metaray.algorithms.reptile:Reptile",
     "promp": "metaray.algorithms.promp:ProMP",
     "pretrain": "metaray.algorithms.pretrain:Pretrain",
+    "rl2": "metaray.algorithms.rl2:RL2",
 }
 """Built-in algorithms by name; anything else is an import path ``module:Class``."""
 

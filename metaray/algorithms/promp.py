@@ -25,7 +25,7 @@ import torch
 from torch.distributions import Distribution
 
 from metaray.algorithms.adapt import inner_step
-from metaray.algorithms.base import Algorithm, OuterContext, TaskUpdate
+from metaray.algorithms.base import Algorithm, OuterContext, TaskUpdate, finite_mean
 from metaray.algorithms.losses import log_probs, masked_mean, mean_kl
 from metaray.core.policy import Params, Policy, flatten
 from metaray.core.rollout import Episodes
@@ -105,9 +105,8 @@ class ProMP(Algorithm):
         outer.apply(mean)
         for _ in range(self.config.outer.promp.steps - 1):
             parts = outer.ask("gradient", outer.params.detach().numpy().copy())
-            finite = [p for p in parts if np.isfinite(p).all()]
-            outer.rejected += len(parts) - len(finite)  # rejected and counted like the first step's
-            if len(finite) < self.config.resources.min_valid_fraction * len(parts):
+            gradient = finite_mean(outer, parts, self.config)
+            if gradient is None:
                 break  # too few tasks left to stand for the meta-batch: stop this batch's steps
-            outer.apply(torch.as_tensor(np.mean(finite, axis=0)))
+            outer.apply(gradient)
         return {"grad_norm": float(mean.norm())}

@@ -27,11 +27,18 @@ class Episodes:
     advantages: torch.Tensor | None = None  # [T, N], filled by compute_advantages
     log_probs: torch.Tensor | None = None  # [T, N], each action's log-probability when it was sampled
     params: Params | None = None  # the (detached) parameters that sampled the batch
+    success: torch.Tensor | None = None  # [N] float32 0/1: the episode had info["success"] at some step
+    # (None: the env reports no success)
 
     @property
     def returns(self) -> np.ndarray:
         """Undiscounted return of each episode."""
         return (self.rewards * self.mask).sum(0).numpy()
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of the episodes that succeeded; NaN when the env reports no success."""
+        return float("nan") if self.success is None else float(self.success.mean())
 
     @property
     def steps(self) -> int:
@@ -42,14 +49,16 @@ class Episodes:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
         params = None if self.params is None else type(self.params)((k, cast(v)) for k, v in self.params.items())
         return Episodes(cast(self.obs), cast(self.actions), cast(self.rewards), cast(self.mask),
-                        cast(self.advantages), cast(self.log_probs), params)
+                        cast(self.advantages), cast(self.log_probs), params, self.success)
 
 
 def concat_episodes(batches: list[Episodes]) -> Episodes:
     """Several batches of one task as one (all are padded to the same horizon)."""
     cat = lambda name: torch.cat([getattr(b, name) for b in batches], dim=1)  # noqa: E731
     maybe = lambda name: None if any(getattr(b, name) is None for b in batches) else cat(name)  # noqa: E731
-    return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), maybe("advantages"), maybe("log_probs"))
+    success = None if any(b.success is None for b in batches) else torch.cat([b.success for b in batches])
+    return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), maybe("advantages"), maybe("log_probs"),
+                    success=success)
 
 
 def collect(
@@ -93,6 +102,7 @@ def collect_many(
     task's episodes are a function of its parameters, its ``env_seeds`` and ``generator``,
     and its group: not of the other groups sampled beside it or of the process sampling
     it. Each action's log-probability is recorded, computed from the sampler's own output.
+    Where an env exposes ``success`` (see metaray.tasks.batched), each episode's flag is kept.
     """
     spec = policy.spec
     tasks, n = len(envs), envs[0].num_envs
@@ -150,7 +160,9 @@ def collect_many(
         log_std = None if spec.discrete else params[i]["log_std"]
         with torch.no_grad():
             log_probs = policy.head(group_out[g][:T, j], log_std).log_prob(actions)
+        success = getattr(envs[i], "success", None)
         batches.append(Episodes(obs_bufs[g][:T, j].contiguous(), actions, torch.from_numpy(rew_buf[:T, i].copy()),
                                 torch.from_numpy(mask_buf[:T, i].copy()), log_probs=log_probs,
-                                params=params[i]))
+                                params=params[i],
+                                success=None if success is None else torch.tensor(success, dtype=torch.float32)))
     return batches

@@ -2,7 +2,8 @@
 
 A stream is keyed by what it is for and where it is used (iteration, task index), never
 by the process that uses it: the same seed gives the same run on any number of workers.
-Held-out evaluation tasks come from a stream that training never touches.
+Held-out evaluation tasks come from a stream that training never touches (and, for a family
+with ``sample_eval_tasks``, from its test split).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def train_episode_seed(seed: int, iteration: int, task_index: int, attempt: int 
 
 
 def eval_tasks(family: TaskFamily, seed: int, n: int) -> list[Task]:
-    return family.sample_tasks(n, np.random.default_rng([seed, _EVAL_TASKS]))
+    """Held-out tasks: the family's ``sample_eval_tasks`` where it has one (a benchmark's test
+    split, e.g. Meta-World's test goals or classes), else ``sample_tasks``; their own stream."""
+    rng = np.random.default_rng([seed, _EVAL_TASKS])
+    sample = getattr(family, "sample_eval_tasks", None)
+    return sample(n, rng) if callable(sample) else family.sample_tasks(n, rng)
 
 
 def eval_episode_seed(seed: int, task_index: int) -> np.random.SeedSequence:

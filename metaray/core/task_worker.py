@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from metaray.algorithms.adapt import leaf_params
-from metaray.algorithms.base import Algorithm, make_algorithm
+from metaray.algorithms.base import Algorithm, make_algorithm, resolve_algorithm
 from metaray.config import Config
 from metaray.core.advantages import compute_advantages
-from metaray.core.policy import Params, SpaceSpec, build_policy, unflatten
+from metaray.core.policy import Params, SpaceSpec, unflatten
 from metaray.core.rollout import Episodes, collect_many
+from metaray.core.trial_worker import run_trial_tasks, trial_returns
 from metaray.tasks import Task, TaskFamily, make_family
 from metaray.tasks.batched import BatchedEnv, EnvList
 
@@ -57,6 +58,8 @@ class TaskResult:
     metric_env_steps: int = 0  # env steps sampled only to measure (Reptile's optional post-adaptation batch)
     timings: dict[str, float] = field(default_factory=dict)
     worker: str = ""
+    pre_success: float = float("nan")  # success rate of the pre-adaptation episodes (NaN: the env reports none)
+    post_success: float = float("nan")  # the same after adaptation (NaN also when not sampled)
 
 
 class Batch:
@@ -78,7 +81,7 @@ class TaskWorker:
         probe = self.make_env(probe_task)
         self.spec = SpaceSpec.from_env(probe)
         probe.close()
-        self.policy = build_policy(self.spec, config.policy, config.seed)
+        self.policy = resolve_algorithm(config.algorithm).make_policy(self.spec, config)
         self.template = self.policy.params()
         self.n_params = sum(p.numel() for p in self.template.values())
         self.algorithm: Algorithm = make_algorithm(config, self.policy, self.template)
@@ -142,6 +145,8 @@ class TaskWorker:
         Give whole groups: a task's result is the same whichever groups run beside it
         (a test checks it bit for bit under 1, 2 and 4 threads).
         """
+        if self.algorithm.memory_based:
+            return run_trial_tasks(self, flat_params, jobs, iteration)
         start = time.perf_counter()
         jobs = sorted(jobs, key=lambda job: job[0])
         algo, steps = self.algorithm, self.config.inner.steps
@@ -178,6 +183,8 @@ class TaskWorker:
                 outer_loss=loss,
                 pre_return=float(inner[0].episodes.returns.mean()) if inner[0].episodes is not None else nan,
                 post_return=float(post.episodes.returns.mean()) if measured else nan,
+                pre_success=inner[0].episodes.success_rate if inner[0].episodes is not None else nan,
+                post_success=post.episodes.success_rate if measured else nan,
                 env_steps=sum(trained) - (measured if metric_only else 0),
                 metric_env_steps=measured if metric_only else 0,
                 timings={"sample_s": sum(b.sample_s for b in _batches(run)),
@@ -188,13 +195,21 @@ class TaskWorker:
     def _update(self, iteration: int, task_index: int, theta: Params, inner: list[Batch],
                 post: Batch | None) -> tuple[torch.Tensor, float]:
         """The algorithm's update, or NaN (counted and rejected by the learner, never applied)."""
+        if any(b.episodes is None for b in inner) or (post is not None and post.episodes is None):
+            return self.update(iteration, task_index, theta, None)  # sampling hit non-finite params
+        return self.update(iteration, task_index, theta, [b.episodes for b in inner],
+                           post.episodes if post is not None else None)
+
+    def update(self, iteration: int, task_index: int, theta: Params, inner: list[Any] | None,
+               valid: Any = None) -> tuple[torch.Tensor, float]:
+        """The algorithm's update from a task's samples (None: sampling failed, the update is NaN);
+        what it asks to keep is kept for this iteration's requests only."""
         for key in [k for k in self._kept if k[0] != iteration]:
             del self._kept[key]
         self._kept.pop((iteration, task_index), None)  # a retried iteration's earlier draw never answers
-        if any(b.episodes is None for b in inner) or (post is not None and post.episodes is None):
-            return torch.full((self.n_params,), float("nan")), float("nan")  # sampling hit non-finite params
-        update = self.algorithm.task_update(theta, [b.episodes for b in inner],
-                                            post.episodes if post is not None else None)
+        if inner is None:
+            return torch.full((self.n_params,), float("nan")), float("nan")
+        update = self.algorithm.task_update(theta, inner, valid)
         if update.kept is not None:
             self._kept[(iteration, task_index)] = update.kept
         return update.vector.detach(), float(update.loss)
@@ -210,37 +225,45 @@ class TaskWorker:
     # -- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, flat_params: np.ndarray, task: Task, steps: int,
-                 seed: np.random.SeedSequence) -> tuple[list[float], list[int]]:
+                 seed: np.random.SeedSequence) -> tuple[list[float], list[int], list[float]]:
         """Mean return after 0, 1, ..., steps adaptation steps, each on fresh episodes.
 
         Also returns the env steps of each of those batches: the first ``steps`` of them are
-        what adaptation cost, the figure a sample-efficiency comparison needs.
+        what adaptation cost, the figure a sample-efficiency comparison needs; and each
+        batch's success rate (NaN where the family reports no success).
         """
-        returns, env_steps, _ = self.adapt_to(flat_params, task, steps, seed)
-        return returns, env_steps
+        returns, env_steps, _, success = self.adapt_to(flat_params, task, steps, seed)
+        return returns, env_steps, success
 
     def adapt_to(self, flat_params: np.ndarray, task: Task, steps: int,
-                 seed: np.random.SeedSequence) -> tuple[list[float], list[int], Params]:
-        """Adapt to ``task`` with real rollouts: returns and env steps per step, and the adapted params."""
+                 seed: np.random.SeedSequence) -> tuple[list[float], list[int], Params, list[float]]:
+        """Adapt to ``task`` with real rollouts: returns and env steps per step, the adapted params,
+        and the success rate per step (NaN where the family reports no success)."""
+        if self.algorithm.memory_based:  # the trial's episodes; the state, not the weights, adapts
+            returns, env_steps, success = trial_returns(self, flat_params, task, steps, seed)
+            return returns, env_steps, {n: v.detach() for n, v in self.params_from(flat_params).items()}, success
         rng = np.random.default_rng(seed)
         envs = self.make_envs(task)
         params = self.params_from(flat_params)
         returns: list[float] = []
         env_steps: list[int] = []
+        success: list[float] = []
         try:
             for k in range(steps + 1):
                 batch = Batch(envs, rng)
                 self.sample([params], [batch])
                 returns.append(float(batch.episodes.returns.mean()))
                 env_steps.append(batch.episodes.steps)
+                success.append(batch.episodes.success_rate)
                 if k < steps:
                     params = self.algorithm.adapt(leaf_params(params), [batch.episodes])
         except NonFiniteError:  # a task whose rewards break adaptation reports NaN from there on
             returns += [float("nan")] * (steps + 1 - len(returns))
             env_steps += [0] * (steps + 1 - len(env_steps))
+            success += [float("nan")] * (steps + 1 - len(success))
         finally:
             envs.close()
-        return returns, env_steps, {n: v.detach() for n, v in params.items()}
+        return returns, env_steps, {n: v.detach() for n, v in params.items()}, success
 
 
 def _batches(run: tuple[BatchedEnv, list[Batch], Batch | None]) -> list[Batch]:

@@ -3,7 +3,8 @@
 - random: the policy metaray started from (seeded from the config), adapted the same way.
 - pretrained: one policy trained jointly on all training tasks with no adaptation in its
   objective (``algorithm: pretrain``), with the run's budget (iterations, tasks, episodes),
-  then adapted the same way. It is trained once into RUN_DIR/baselines/pretrained and
+  then adapted the same way; for RL², the same recurrent policy and PPO with its memory
+  off (``rl2.memory: false``). It is trained once into RUN_DIR/baselines/pretrained and
   reused (or resumed, if a previous attempt was interrupted).
 - ppo: RLlib's PPO from scratch on each held-out task (see metaray.evaluation.ppo).
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from metaray.algorithms.base import resolve_algorithm
 from metaray.config import Config, ConfigError
 from metaray.core.policy import flatten
 from metaray.core.task_worker import TaskWorker
@@ -43,8 +45,9 @@ def random_params(config: Config) -> np.ndarray:
 
 
 def pretrain_config(config: Config) -> Config:
-    """The run's config with the no-adaptation objective: same budget, same optimizer."""
-    return config.model_copy(update={"algorithm": "pretrain"}, deep=True)
+    """The run's config with nothing learnt to adapt, same budget, same optimizer: the
+    pretrain objective for the gradient-based algorithms, the memoryless policy for RL²."""
+    return resolve_algorithm(config.algorithm).no_adaptation(config)
 
 
 def pretrained_params(config: Config, run: RunDir, progress: Progress) -> tuple[np.ndarray, str]:
@@ -76,7 +79,8 @@ def evaluate_with_baselines(
 
     Returns the adaptation curves by policy, the baselines' JSON summary, and the PPO rows
     for eval.parquet. Pretraining runs first, then one worker pool evaluates every
-    policy, then (its workers gone) PPO gets the cluster's CPUs.
+    policy (RL²'s memoryless baseline in a pool of its own config), then (its workers
+    gone) PPO gets the cluster's CPUs.
     """
     policies = {"metaray": params}
     summary: dict[str, Any] = {}
@@ -85,7 +89,13 @@ def evaluate_with_baselines(
     if "pretrained" in names:
         policies["pretrained"], path = pretrained_params(config, run, progress)
         summary["pretrained"] = {"run_dir": str(path)}
+    own = {}  # a baseline whose policy is not the run's (RL² without memory) runs as it was trained
+    if "pretrained" in policies and resolve_algorithm(config.algorithm).memory_based:
+        own["pretrained"] = policies.pop("pretrained")
     results = eval_policies(config, policies, tasks, steps, seed)
+    if own:  # the same held-out tasks and episode seeds: both come from ``seed`` alone
+        results.update(eval_policies(pretrain_config(config), own, tasks, steps, seed))
+        policies.update(own)
     for name in policies.keys() - {"metaray"}:
         summary[name] = {**results[name].to_json(), **summary.get(name, {})}
     rows: list[dict[str, Any]] = []

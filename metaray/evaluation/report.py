@@ -19,13 +19,13 @@ POLICY_STYLE = {"metaray": ("metaray (meta-learned)", "tab:blue"), "pretrained":
                 "random": ("random init", "tab:gray")}
 
 
-def _figure() -> tuple[Any, Any]:
+def _figure(ncols: int = 1) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    return plt.subplots(1, ncols, figsize=FIGSIZE, dpi=DPI)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -56,9 +56,16 @@ def learning_curve(run: RunDir, path: Path) -> Path:
     return _save(fig, path)
 
 
-def eval_curves(evals: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """policy -> (mean, standard error) of the held-out return per adaptation step, from eval.parquet's rows."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and bool(np.isfinite(value))
+
+
+def eval_curves(evals: list[dict[str, Any]], column: str = "return") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """policy -> (mean, standard error) of the held-out return (or another column of eval.parquet,
+    ``success``) per adaptation step; a policy with no value in that column has no curve."""
     rows = [r for r in evals if r["adaptation_steps"] is not None]
+    if column != "return":  # success: rows of old runs and of families without it have none
+        rows = [r for r in rows if _finite(r.get(column))]
     curves = {}
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
@@ -66,7 +73,7 @@ def eval_curves(evals: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.n
         tasks = max(r["task_index"] for r in mine) + 1
         table = np.full((tasks, steps), np.nan)
         for r in mine:
-            table[r["task_index"], r["adaptation_steps"]] = r["return"]
+            table[r["task_index"], r["adaptation_steps"]] = r[column]
         se = table.std(0, ddof=1) / np.sqrt(tasks) if tasks > 1 else np.zeros(steps)
         curves[policy] = (table.mean(0), se)
     return curves
@@ -91,6 +98,44 @@ def adaptation_curve(run: RunDir, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _success_rows(rows: list[dict[str, Any]]) -> bool:
+    return any(_finite(r.get("pre_success_rate")) or _finite(r.get("post_success_rate")) for r in rows)
+
+
+def success_curve(run: RunDir, path: Path) -> Path | None:
+    """Success rate (info["success"] at any step of an episode) of the training tasks before and
+    after adaptation per iteration and, once evaluated, of the held-out tasks per adaptation
+    step; None when the run's family reports no success."""
+    rows = run.read_metrics()
+    curves = eval_curves(read_rows(run.eval_path), "success") if run.eval_path.is_file() else {}
+    if not _success_rows(rows) and not curves:
+        return None
+    cfg = run.load_config()
+    fig, axes = _figure(2 if curves else 1)
+    train_ax = axes[0] if curves else axes
+    its = [r["iteration"] + 1 for r in rows]
+    rate = lambda key: [r[key] if _finite(r.get(key)) else np.nan for r in rows]  # noqa: E731
+    train_ax.plot(its, rate("pre_success_rate"), label="before adaptation", color="tab:gray")
+    if any(_finite(r.get("post_success_rate")) for r in rows):
+        train_ax.plot(its, rate("post_success_rate"), label="after adaptation", color="tab:blue")
+    train_ax.set(xlabel="meta-iteration", ylabel="success rate (training tasks)", ylim=(-0.02, 1.02),
+                 title=f"{cfg.algorithm} on {cfg.task.family}" if curves else
+                 f"{cfg.algorithm} on {cfg.task.family}: success rate")
+    train_ax.grid(alpha=0.3)
+    train_ax.legend()
+    if curves:
+        ax = axes[1]
+        for policy, (mean, se) in curves.items():
+            label, color = POLICY_STYLE.get(policy, (policy, None))
+            ax.errorbar(np.arange(len(mean)), mean, yerr=se, label=label, color=color, marker="o", capsize=3)
+        ax.set(xlabel="adaptation steps", ylabel="success rate (held-out tasks)", ylim=(-0.02, 1.02),
+               title="held-out tasks")
+        ax.set_xticks(range(max(len(m) for m, _ in curves.values())))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
 def report(run: RunDir) -> list[str]:
     """Write the run's plots next to its data (onto the store for a URI); returns where they are."""
     if not run.config_path.is_file():
@@ -98,6 +143,9 @@ def report(run: RunDir) -> list[str]:
     out = [learning_curve(run, run.path / "learning_curve.png")]
     if run.eval_path.is_file():
         out.append(adaptation_curve(run, run.path / "adaptation_curve.png"))
+    success = success_curve(run, run.path / "success_curve.png")
+    if success is not None:
+        out.append(success)
     run.flush()
     return [run.shown(str(path)) for path in out]
 
@@ -121,5 +169,8 @@ def compare_rows(paths: list[str]) -> list[dict[str, Any]]:
         for name in ("random", "pretrained"):
             if name in curves:
                 row[name] = [float(m) for m in curves[name][0]]
+        success = eval_curves(evals, "success").get("metaray")
+        if success is not None:  # the family reports success: the held-out rate per adaptation step
+            row["success"] = [float(m) for m in success[0]]
         rows.append(row)
     return rows

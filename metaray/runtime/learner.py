@@ -136,7 +136,8 @@ class Learner:
                     total += vector
                 rows.append({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
                              "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
-                             "metric_env_steps": r.metric_env_steps, "rejected": not finite, **r.timings})
+                             "metric_env_steps": r.metric_env_steps, "rejected": not finite,
+                             "pre_success": r.pre_success, "post_success": r.post_success, **r.timings})
 
         _, calls = self._chunks(len(tasks))
         self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in calls[c]],

@@ -178,7 +178,11 @@ class RequestChecker:
 
         self.family, self.family_name, self.task_problems = family, family_name, task_problems
         self.task_keys = sorted(example)
-        self.task_shapes = {k: np.shape(v) for k, v in example.items()}
+        # A key whose example is a string (Meta-World's env_name) takes a string only from a family
+        # that checks it (``check_task``); without one, a string key is refused like any non-number.
+        checks = callable(getattr(family, "check_task", None))
+        self.text_keys = {k for k, v in example.items() if isinstance(v, str)} if checks else set()
+        self.task_shapes = {k: np.shape(v) for k, v in example.items() if k not in self.text_keys}
 
     def parse(self, body: bytes) -> AdaptRequest:
         too_deep = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
@@ -207,6 +211,10 @@ class RequestChecker:
             problem = "; ".join(filter(None, [unknown and f"unknown task keys {_show(unknown)}",
                                               missing and f"missing task keys {missing}"]))
             raise _refuse(422, f"task: {problem}; a {self.family_name} task has exactly the keys {self.task_keys}")
+        for key in sorted(self.text_keys):
+            if not isinstance(task[key], str) or len(task[key]) > SHOW_CHARS:
+                raise _refuse(422, f"task.{key}: expected a string of at most {SHOW_CHARS} characters, "
+                                   f"got {_show(task[key])}")
         for key, shape in self.task_shapes.items():
             expected = f"task.{key}: expected finite numbers of shape {list(shape)}"
             if not _numbers(task[key]):
@@ -411,7 +419,7 @@ class AdaptationService:
         from metaray.core.task_worker import TaskEnvError
 
         try:
-            returns, env_steps, params = self.runner.adapt_to(
+            returns, env_steps, params, success = self.runner.adapt_to(
                 self.params, req.task, req.steps, np.random.SeedSequence([req.seed]))
         except TaskEnvError as err:  # the family refused the task's values
             raise _refuse(422, f"task: {_clip(str(err))}") from None
@@ -419,7 +427,11 @@ class AdaptationService:
             raise _refuse(422, f"task: adaptation failed: {_clip(f'{type(err).__name__}: {err}')}") from None
         check_finite(returns, params)
         answer: dict[str, Any] = {"task": req.task, "steps": req.steps, "returns": returns,
-                                  "env_steps": env_steps, "iteration": self.iteration}
+                                  "env_steps": env_steps, "iteration": self.iteration,
+                                  # RL²: returns[k] is the k-th episode of one trial; the weights do not change
+                                  "adaptation": "memory" if self.runner.algorithm.memory_based else "gradient"}
+        if all(math.isfinite(s) for s in success):  # the family reports success: the rate per step
+            answer["success"] = success
         if req.return_params:
             tensors = {name: value.contiguous() for name, value in params.items()}
             blob = save(tensors, metadata={"run": self.run_name, "iteration": str(self.iteration),

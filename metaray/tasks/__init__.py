@@ -9,6 +9,7 @@ from metaray.tasks.bandit import Bandit
 from metaray.tasks.base import Task, TaskFamily
 from metaray.tasks.cartpole import CartPole
 from metaray.tasks.locomotion import AntDir, HalfCheetahDir, HalfCheetahVel
+from metaray.tasks.metaworld import MetaWorldML1, MetaWorldML10
 from metaray.tasks.navigation2d import Navigation2D
 
 BUILTIN_FAMILIES: dict[str, type] = {
@@ -18,6 +19,8 @@ BUILTIN_FAMILIES: dict[str, type] = {
     "halfcheetah-vel": HalfCheetahVel,
     "halfcheetah-dir": HalfCheetahDir,
     "ant-dir": AntDir,
+    "metaworld-ml1": MetaWorldML1,
+    "metaworld-ml10": MetaWorldML10,
 }
 
 __all__ = ["BUILTIN_FAMILIES", "Task", "TaskFamily", "make_family", "resolve_family_class"]

@@ -32,17 +32,32 @@ class BernoulliBanditEnv(gym.Env):
 
 
 class Bandit:
-    """Arm probabilities i.i.d. uniform in [0, 1]."""
+    """Arm probabilities i.i.d. uniform in [0, 1]; with ``dependent``, two arms paying with
+    probabilities p and 1 - p, p uniform (the dependent bandit of Wang et al. 2016): one pull
+    tells about both arms, so a policy with memory gains much from what a first pull revealed."""
 
     task_bounds = {"probs": (0.0, 1.0)}
 
-    def __init__(self, arms: int = 5) -> None:
+    def __init__(self, arms: int = 5, dependent: bool = False) -> None:
         if arms < 2:
             raise ValueError(f"bandit needs at least 2 arms (got {arms})")
-        self.arms = int(arms)
+        if not isinstance(dependent, bool):
+            raise ValueError(f"dependent must be true or false (got {dependent!r})")
+        if dependent and arms != 2:
+            raise ValueError(f"a dependent bandit has 2 arms (got {arms})")
+        self.arms, self.dependent = int(arms), bool(dependent)
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        if self.dependent:
+            return [{"probs": [p, 1.0 - p]} for p in (float(rng.uniform()) for _ in range(n))]
         return [{"probs": [float(p) for p in rng.uniform(size=self.arms)]} for _ in range(n)]
+
+    def check_task(self, task: Task) -> None:
+        probs = task.get("probs", [])
+        if len(probs) != self.arms:
+            raise ValueError(f"probs must hold {self.arms} values (got {len(probs)})")
+        if self.dependent and abs(probs[0] + probs[1] - 1.0) > 1e-9:
+            raise ValueError(f"a dependent bandit's probs sum to 1 (got {probs[0]} + {probs[1]})")
 
     def make_env(self, task: Task) -> gym.Env:
         return BernoulliBanditEnv(task["probs"])

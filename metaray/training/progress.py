@@ -6,6 +6,7 @@ interactive terminal gets a rich progress bar that redraws in place.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,13 @@ class Progress(Protocol):
     def update(self, row: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def close(self) -> None: ...
+
+
+def _success(row: dict[str, Any]) -> str:
+    """The training tasks' success rate before/after adaptation, where the family reports one."""
+    pre, post = row.get("pre_success_rate"), row.get("post_success_rate")
+    shown = [f"{v:.2f}" if v is not None and math.isfinite(v) else "-" for v in (pre, post)]
+    return "" if shown == ["-", "-"] else f"  success {shown[0]}/{shown[1]}"
 
 
 def _eta(seconds: float) -> str:
@@ -41,8 +49,8 @@ class LineProgress:
         self.done = row["iteration"] + 1
         per_it = (time.perf_counter() - self.t0) / max(1, self.done - self.started)
         faults = sum(row.get(k, 0) for k in FAULT_KEYS)
-        self.log(f"iter {self.done:4d}/{self.total}  pre {row['pre_return']:9.3f}  post {row['post_return']:9.3f}  "
-                 f"steps/s {row['env_steps_per_s']:8.0f}  {row['time_iteration_s']:.2f}s  "
+        self.log(f"iter {self.done:4d}/{self.total}  pre {row['pre_return']:9.3f}  post {row['post_return']:9.3f}"
+                 f"{_success(row)}  steps/s {row['env_steps_per_s']:8.0f}  {row['time_iteration_s']:.2f}s  "
                  f"eta {_eta(per_it * (self.total - self.done))}" + (f"  faults {faults}" if faults else ""))
 
     def message(self, text: str) -> None:
@@ -63,7 +71,7 @@ class LiveProgress:
         self.console = Console(file=stream, force_terminal=True)
         self.bar = RichProgress(
             TextColumn("[bold]meta-training"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("pre [cyan]{task.fields[pre]}[/]  post [green]{task.fields[post]}[/]  "
+            TextColumn("pre [cyan]{task.fields[pre]}[/]  post [green]{task.fields[post]}[/]{task.fields[success]}  "
                        "{task.fields[speed]} steps/s{task.fields[faults]}"),
             TextColumn("eta"), TimeRemainingColumn(),
             console=self.console, transient=False,
@@ -73,12 +81,13 @@ class LiveProgress:
     def start(self, total: int, done: int) -> None:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, pre="-", post="-", speed="-",
-                                      faults="")
+                                      faults="", success="")
 
     def update(self, row: dict[str, Any]) -> None:
         faults = sum(row.get(k, 0) for k in FAULT_KEYS)
         self.bar.update(self.task, completed=row["iteration"] + 1, pre=f"{row['pre_return']:.3f}",
-                        post=f"{row['post_return']:.3f}", speed=f"{row['env_steps_per_s']:,.0f}",
+                        post=f"{row['post_return']:.3f}", success=_success(row),
+                        speed=f"{row['env_steps_per_s']:,.0f}",
                         faults=f"  [red]faults {faults}[/]" if faults else "")
 
     def message(self, text: str) -> None:

@@ -38,7 +38,7 @@ _MAGIC = b"METARAY-CKPT-1\n"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: files are created as the user's umask says, like open() would
 RUN_ENTRIES = re.compile(r"(config\.yaml|checkpoints|(metrics|tasks|eval)\.parquet|(metrics|tasks)\.parts|baselines|"
-                         r"(learning|adaptation)_curve\.png|events\.out\.tfevents\..+|\..+\.tmp|\.metaray\.lock)")
+                         r"(learning|adaptation|success)_curve\.png|events\.out\.tfevents\..+|\..+\.tmp|\.metaray\.lock)")
 """What a metaray run directory holds; --overwrite removes nothing else."""
 
 

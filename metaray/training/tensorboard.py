@@ -13,6 +13,8 @@ from typing import Any
 TAGS = {
     "pre_return": "returns/pre_adaptation",
     "post_return": "returns/post_adaptation",
+    "pre_success_rate": "success/pre_adaptation",
+    "post_success_rate": "success/post_adaptation",
     "env_steps_per_s": "perf/env_steps_per_s",
     "time_iteration_s": "perf/iteration_s",
     "total_env_steps": "perf/total_env_steps",
@@ -35,7 +37,7 @@ class EventLog:
         step = row["iteration"]
         for key, tag in TAGS.items():
             value = row.get(key)
-            if value is not None:
+            if value is not None and value == value:  # NaN: not reported (a family without success)
                 self.writer.add_scalar(tag, float(value), step)
         self.writer.flush()
 

@@ -29,6 +29,12 @@ from metaray.training.tensorboard import EventLog
 Log = Callable[[str], None]
 
 
+def mean_success(values: list[float | None]) -> float:
+    """Mean of the success rates that were reported (finite); NaN when none was."""
+    reported = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(reported)) if reported else float("nan")
+
+
 def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_steps: int) -> dict[str, Any]:
     tasks = out["tasks"]
     kept = [t for t in tasks if not t["rejected"]] or tasks
@@ -39,6 +45,9 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "iteration": iteration,
         "pre_return": float(np.mean([t["pre_return"] for t in kept])),
         "post_return": float(np.mean([t["post_return"] for t in kept])),
+        # the fraction of the meta-batch's episodes that succeeded (info["success"]); NaN: no family success
+        "pre_success_rate": mean_success([t.get("pre_success") for t in kept]),
+        "post_success_rate": mean_success([t.get("post_success") for t in kept]),
         "env_steps": steps,  # including the draws of failed attempts: what the iteration cost
         "metric_env_steps": sum(t.get("metric_env_steps", 0) for t in tasks),
         "total_env_steps": total_steps + steps,
@@ -71,6 +80,8 @@ def task_rows(iteration: int, out: dict[str, Any], tasks: list[Task]) -> list[di
             "iteration": iteration, "task_index": t["task_index"], "task": text,
             **{f"task_{k}": v for k, v in json.loads(text).items()},
             "worker": worker, "node": node, "pre_return": t["pre_return"], "post_return": t["post_return"],
+            "pre_success_rate": t.get("pre_success", float("nan")),
+            "post_success_rate": t.get("post_success", float("nan")),
             "outer_loss": t["outer_loss"], "env_steps": t["env_steps"], "metric_env_steps": t["metric_env_steps"],
             "attempt": out["iteration_attempts"] - 1, "rejected": t["rejected"],
             "sample_s": t["sample_s"], "adapt_s": t["adapt_s"],
