@@ -241,3 +241,17 @@ def test_rl2_learns_to_use_its_memory_on_held_out_tasks(ray_local, tmp_path):
           f"memoryless {np.round(curves['memoryless'], 3)}")
     assert late > first + 0.1
     assert late > baseline + 0.1
+
+
+def test_adapting_an_rl2_policy_runs_one_trial_and_leaves_the_weights():
+    """What `eval` and the service's /adapt do for RL²: a trial of steps + 1 episodes, step k its
+    (k+1)-th episode; the first episodes do not depend on how many follow; the weights are theta's."""
+    cfg = load_config("quickstart", FAMILIES["navigation2d"])
+    worker = TaskWorker(cfg)
+    flat = flatten(worker.template).numpy()
+    task = seeding.eval_tasks(worker.family, 0, 1)[0]
+    short = worker.adapt_to(flat, task, 1, seeding.eval_episode_seed(0, 0))
+    long = worker.adapt_to(flat, task, 3, seeding.eval_episode_seed(0, 0))
+    assert len(long[0]) == 4 and long[0][:2] == short[0] and long[1][:2] == short[1]
+    assert all(0 < s <= cfg.inner.episodes * cfg.rollout.horizon for s in long[1])
+    assert all(torch.equal(long[2][k], worker.template[k]) for k in worker.template)

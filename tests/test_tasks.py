@@ -114,7 +114,10 @@ def test_bench_writes_every_figure(tmp_path):
         r = result["rollout"][family]
         assert r["limit_steps_per_s"] > 0 and r["rollout_vs_limit"] == pytest.approx(
             r["rollout_steps_per_s"] / r["limit_steps_per_s"])
-    for setting in ("navigation2d_maml_trpo", "cartpole_reptile"):
+    trials = result["rollout"]["navigation2d_rl2"]
+    assert trials["trial_steps_per_s"] > 0 and trials["vs_mlp_rollout"] == pytest.approx(
+        trials["trial_steps_per_s"] / result["rollout"]["navigation2d"]["rollout_steps_per_s"])
+    for setting in ("navigation2d_maml_trpo", "cartpole_reptile", "navigation2d_rl2"):
         s = result[setting]
         assert s["iteration_s"] > 0 and s["train_steps_per_s"] > 0 and s["iterations_measured"] == 2
         assert set(s["phase_s"]) == {"sampling", "adaptation_and_meta_gradient", "outer_step", "ray_overhead"}
