@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metaray.config import load_config
 from metaray.tasks import BUILTIN_FAMILIES
 from metaray.training.run_dir import RunDir
 from tests.conftest import run_cli
@@ -100,6 +101,26 @@ def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init_log_std": 0.0}
     assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == optimizer
+
+
+@pytest.mark.parametrize("preset", ["bandit-rl2", "navigation2d-rl2", "ml1-reach-rl2", "ml1-push-promp"])
+def test_rl2_and_meta_world_presets_train_a_few_iterations(ray_address, tmp_path: Path, preset):
+    """The shipped RL² and Meta-World presets not smoke-run elsewhere, shrunk to fit CI, through the CLI."""
+    out = tmp_path / "run"
+    proc = run_cli("train", preset, "-s", "outer.iterations=2", "-s", "outer.meta_batch_size=2",
+                   "-s", "inner.episodes=2", "-s", "rollout.horizon=5", "-s", "eval.tasks=1",
+                   "--output", str(out), "--address", ray_address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "iter    2/2" in proc.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    shipped = load_config(preset)
+    assert saved["algorithm"] == shipped.algorithm and saved["task"] == shipped.task.model_dump(mode="json")
+    if saved["algorithm"] == "rl2":  # step k is the trial's (k+1)-th episode, and says so
+        assert "episode 1 of a trial" in proc.stdout and "pre-adaptation return" not in proc.stdout
+    if preset == "bandit-rl2":  # eval's default steps: the trial's episodes after the first
+        proc = run_cli("eval", str(out), "--tasks", "1", "--json", "--address", ray_address)
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)["mean_return"]) == saved["rl2"]["episodes_per_trial"]
 
 
 def test_config_env_is_what_a_submitted_job_reads(tmp_path: Path, monkeypatch):
