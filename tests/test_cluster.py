@@ -19,6 +19,7 @@ from metaray.config import load_config
 from metaray.training.run_dir import RunDir
 from metaray.training.trainer import train
 from tests.conftest import ROOT, run_cli
+from tests.forked_cli import ForkedCli
 
 SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 RAY_SCHEMAS = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json", "RayService": "rayservice_v1.json"}
@@ -30,6 +31,13 @@ MANIFESTS = {str(path.relative_to(ROOT / "k8s")): RAY_SCHEMAS[kind] for path in 
 SHORT = ["--set", "outer.iterations=2", "--set", "outer.meta_batch_size=4", "--set", "rollout.task_group_size=2",
          "--set", "inner.episodes=4",
          "--set", "rollout.horizon=20", "--set", "eval.tasks=2"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI for the job-server commands (HTTP clients, no Ray of their own): see tests/forked_cli.py."""
+    with ForkedCli(tmp_path_factory.mktemp("cli")) as forked:
+        yield forked
 
 
 def _check_schema(manifest: Path, schema: str) -> subprocess.CompletedProcess:
@@ -129,7 +137,7 @@ def test_training_through_ray_client_uses_every_node(loopback_cluster, tmp_path)
         pytest.fail(f"placement {placement}\nactors {actors}\n{proc.stdout}")
 
 
-def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
+def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path, cli):
     """A config file outside the working directory (which is uploaded): it is validated and
     resolved where it is submitted, and the job runs exactly that config."""
     from metaray.config import load_config
@@ -139,8 +147,8 @@ def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
     elsewhere.write_text("seed: 11\ninner:\n  lr: 0.05\n")
     out = tmp_path / "job-run"
     start = time.monotonic()
-    proc = run_cli("submit", str(elsewhere), *SHORT, "--output", str(out), "--address",
-                   loopback_cluster.dashboard_url, "--follow")
+    (proc,) = cli(("submit", str(elsewhere), *SHORT, "--output", str(out), "--address", loopback_cluster.dashboard_url,
+                   "--follow"))
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted job (\S+)", proc.stdout).group(1)
@@ -149,9 +157,9 @@ def test_submit_follow_runs_a_job_to_success(loopback_cluster, tmp_path):
     resolved = load_config(elsewhere, [a for a in SHORT if a not in ("--set", "-s")])
     assert load_config(out / "config.yaml") == resolved and resolved.seed == 11
     print(f"submitted job wall time {wall:.1f}s")
-    status = run_cli("jobs", "status", job_id, "--address", loopback_cluster.dashboard_url)
+    status, logs = cli(*(("jobs", what, job_id, "--address", loopback_cluster.dashboard_url)
+                         for what in ("status", "logs")))  # side by side
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
-    logs = run_cli("jobs", "logs", job_id, "--address", loopback_cluster.dashboard_url)
     assert "pre-adaptation return" in logs.stdout
 
 
@@ -173,8 +181,8 @@ def test_submit_no_wait_then_stop(loopback_cluster, tmp_path):
     assert run_cli("jobs", "status", job_id, "--address", loopback_cluster.dashboard_url).returncode == 1
 
 
-def test_submit_to_an_unreachable_job_server_names_it():
-    proc = run_cli("submit", "quickstart", "--address", "http://127.0.0.2:1", "--no-wait")
+def test_submit_to_an_unreachable_job_server_names_it(cli):
+    (proc,) = cli(("submit", "quickstart", "--address", "http://127.0.0.2:1", "--no-wait"))
     assert proc.returncode == 1 and "cannot reach the Ray job server at http://127.0.0.2:1" in proc.stderr
 
 
@@ -183,10 +191,12 @@ def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ra
     counted once, with the meta-parameters of an undisturbed run."""
     overrides = ["outer.iterations=6", "outer.meta_batch_size=12", "rollout.task_group_size=4", "inner.steps=2",
                  "policy.hidden_sizes=[32]", "eval.tasks=2", "resources.num_workers=3"]
-    cfg = load_config("quickstart", overrides)
+    # The undisturbed run on the embedded 2-CPU Ray, with the two workers it has room for: a third would never
+    # start, and the pool would wait 10 s for it before the first iteration. The worker count does not change
+    # the meta-parameters (tests/test_determinism.py, tests/test_training.py).
+    cfg = load_config("quickstart", [*overrides, "resources.num_workers=2"])
     reference = RunDir(tmp_path / "reference")
     reference.prepare(cfg, overwrite=False)
-    # On the embedded 2-CPU Ray the third worker never starts: the pool runs on the two that do.
     expected = train(cfg, reference, log=lambda _: None)["params"]
 
     doomed = loopback_cluster.add_node("127.0.0.9", {"num-cpus": "1"})
@@ -204,9 +214,14 @@ def test_node_loss_mid_run_completes_on_the_remaining_nodes(loopback_cluster, ra
         time.sleep(0.05)
     from ray.util.state import list_actors, list_nodes
 
-    learner = list_actors(address=loopback_cluster.dashboard_url, filters=[("class_name", "=", "Learner"),
-                                                                           ("state", "=", "ALIVE")])
-    head_id = next(n.node_id for n in list_nodes(address=loopback_cluster.dashboard_url) if n.is_head_node)
+    nodes = [n for n in list_nodes(address=loopback_cluster.dashboard_url) if n.state == "ALIVE"]
+    head_id = next(n.node_id for n in nodes if n.is_head_node)
+    doomed_id = next(n.node_id for n in nodes if n.node_ip == "127.0.0.9")
+    alive = list_actors(address=loopback_cluster.dashboard_url, filters=[("state", "=", "ALIVE")])
+    # This run's actors: its job's, the job of its worker on the doomed node. (An earlier test's may still be
+    # going: a Ray Client session's actors outlive the client by its reconnect grace period, 30 s.)
+    (job,) = {a.job_id for a in alive if a.node_id == doomed_id}
+    learner = [a for a in alive if a.class_name == "Learner" and a.job_id == job]
     assert [a.node_id for a in learner] == [head_id], "the learner belongs on the head, not a worker node"
     killed_at = time.monotonic()
     import os

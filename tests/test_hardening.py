@@ -8,12 +8,22 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
+
 from metaray.config import load_config
 from metaray.training.run_dir import RunDir, write_rows
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.forked_cli import ForkedCli
 
 QUICK = ["--set", "outer.iterations=1", "--set", "outer.meta_batch_size=2", "--set", "inner.episodes=2",
          "--set", "rollout.horizon=5", "--set", "eval.tasks=1"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI for the commands refused before a run starts: see tests/forked_cli.py."""
+    with ForkedCli(tmp_path_factory.mktemp("cli")) as forked:
+        yield forked
 
 
 def _one_line_usage_error(proc) -> str:
@@ -22,35 +32,40 @@ def _one_line_usage_error(proc) -> str:
     return proc.stderr
 
 
-def test_overwrite_replaces_only_a_metaray_run_directory(tmp_path: Path):
+def test_overwrite_replaces_only_a_metaray_run_directory(tmp_path: Path, cli):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "important.txt").write_text("keep me")
     (precious / "config.yaml").write_text("not ours\n")
-    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(precious), "--overwrite"))
-    assert "replaces only a metaray run directory" in err and "'important.txt'" in err
-    assert (precious / "important.txt").read_text() == "keep me"
-    # The working directory (full of other things) as --output.
-    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", ".", "--overwrite",
-                                        cwd=precious))
-    assert "nothing was deleted" in err and sorted(os.listdir(precious)) == ["config.yaml", "important.txt"]
+    # The working directory (full of other things) as --output: another such directory (the refusals run side by side).
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "important.txt").write_text("keep me")
+    (cwd / "config.yaml").write_text("not ours\n")
     # A symbolic link, even to a real run directory, and a plain file.
     run = RunDir(tmp_path / "run")
     run.prepare(load_config("quickstart"), overwrite=False)
     (tmp_path / "link").symlink_to(run.path)
-    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(tmp_path / "link"),
-                                        "--overwrite"))
-    assert "is a symbolic link" in err and run.config_path.is_file()
     # Another tool's run: a config.yaml and checkpoints/ of its own.
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
     (other / "config.yaml").write_text("seed: 3\n")
     (other / "checkpoints" / "epoch=9.ckpt").write_text("weights")
-    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(other), "--overwrite"))
-    assert "checkpoints/'epoch=9.ckpt'" in err and (other / "checkpoints" / "epoch=9.ckpt").is_file()
     (tmp_path / "file").write_text("x")
-    err = _one_line_usage_error(run_cli("train", "quickstart", *QUICK, "--output", str(tmp_path / "file")))
-    assert "is a file, not a directory" in err and (tmp_path / "file").read_text() == "x"
+    # Each refused in a process of its own, all side by side (none touches another's target).
+    errs = [_one_line_usage_error(proc) for proc in cli(
+        ("train", "quickstart", *QUICK, "--output", str(precious), "--overwrite"),
+        (("train", "quickstart", *QUICK, "--output", ".", "--overwrite"), {"cwd": cwd}),
+        ("train", "quickstart", *QUICK, "--output", str(tmp_path / "link"), "--overwrite"),
+        ("train", "quickstart", *QUICK, "--output", str(other), "--overwrite"),
+        ("train", "quickstart", *QUICK, "--output", str(tmp_path / "file")))]
+    assert "replaces only a metaray run directory" in errs[0] and "'important.txt'" in errs[0]
+    assert (precious / "important.txt").read_text() == "keep me"
+    assert sorted(os.listdir(precious)) == ["config.yaml", "important.txt"]
+    assert "nothing was deleted" in errs[1] and sorted(os.listdir(cwd)) == ["config.yaml", "important.txt"]
+    assert "is a symbolic link" in errs[2] and run.config_path.is_file()
+    assert "checkpoints/'epoch=9.ckpt'" in errs[3] and (other / "checkpoints" / "epoch=9.ckpt").is_file()
+    assert "is a file, not a directory" in errs[4] and (tmp_path / "file").read_text() == "x"
 
 
 def test_files_honour_the_umask(tmp_path: Path):
@@ -102,39 +117,45 @@ def _write_raw_checkpoint(path: Path, payload) -> None:
     path.write_bytes(run_dir._MAGIC + hashlib.sha256(raw).digest() + raw)
 
 
-def test_checkpoint_with_a_valid_checksum_but_bad_contents(nav_run: Path, tmp_path: Path):
+def test_checkpoint_with_a_valid_checksum_but_bad_contents(nav_run: Path, tmp_path: Path, cli):
     import torch
 
-    run = tmp_path / "nav"
-    shutil.copytree(nav_run, run)
-    newest = RunDir(run).checkpoint_files()[-1]
-    good = RunDir.read_checkpoint(newest)
-    for broken, words in [({k: v for k, v in good.items() if k != "params"}, "no params"),
-                          ({**good, "iteration": "7"}, "iteration '7' is not a non-negative integer"),
-                          ({**good, "params": torch.zeros(3, 3)}, "no params"),
-                          ({**good, "params": good["params"].half()}, "no params"),
-                          ({**good, "optimizer": {"lr": 1}}, "not a torch optimizer's state_dict"),
-                          ([1, 2, 3], "a list, not a mapping")]:
-        _write_raw_checkpoint(newest, broken)
-        for command in (["eval", str(run)], ["serve", str(run)], ["train", "--resume", str(run)]):
-            err = _one_line_usage_error(run_cli(*command))
-            assert "has bad contents" in err and words in err, err
+    good = RunDir.read_checkpoint(RunDir(nav_run).checkpoint_files()[-1])
+    cases = [({k: v for k, v in good.items() if k != "params"}, "no params"),
+             ({**good, "iteration": "7"}, "iteration '7' is not a non-negative integer"),
+             ({**good, "params": torch.zeros(3, 3)}, "no params"),
+             ({**good, "params": good["params"].half()}, "no params"),
+             ({**good, "optimizer": {"lr": 1}}, "not a torch optimizer's state_dict"),
+             ([1, 2, 3], "a list, not a mapping")]
+    # Every (contents, command) in a copy of the run of its own, so that all can run side by side: eval
+    # and train --resume lock the run directory they read.
+    invocations, expected = [], []
+    for i, (broken, words) in enumerate(cases):
+        for j, command in enumerate((["eval"], ["serve"], ["train", "--resume"])):
+            run = tmp_path / f"nav-{i}-{j}"
+            shutil.copytree(nav_run, run)
+            _write_raw_checkpoint(RunDir(run).checkpoint_files()[-1], broken)
+            invocations.append((*command, str(run)))
+            expected.append(words)
+    for words, proc in zip(expected, cli(*invocations), strict=True):
+        err = _one_line_usage_error(proc)
+        assert "has bad contents" in err and words in err, err
 
 
-def test_eval_and_serve_refuse_a_config_edited_after_training(nav_run: Path, tmp_path: Path):
+def test_eval_and_serve_refuse_a_config_edited_after_training(nav_run: Path, tmp_path: Path, cli):
     """Checked against the checkpoint before Ray starts: one line naming the fields, exit 2."""
     run = tmp_path / "nav"
     shutil.copytree(nav_run, run)
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("- 64\n", "- 32\n", 1).replace("seed: 0", "seed: 5"))
     before = (run / "eval.parquet").read_bytes()
-    for command in ("eval", "serve"):
-        err = _one_line_usage_error(run_cli(command, str(run), timeout=120))
+    for proc in cli(("eval", str(run)), ("serve", str(run)), timeout=120):
+        err = _one_line_usage_error(proc)  # side by side: serve does not lock the run
         assert "does not match its checkpoint" in err and "policy.hidden_sizes" in err and "seed" in err, err
     assert (run / "eval.parquet").read_bytes() == before
 
 
-def test_resume_refuses_torch_threads_edited_into_config_yaml(nav_run: Path, tmp_path: Path):
+def test_resume_refuses_torch_threads_edited_into_config_yaml(nav_run: Path, tmp_path: Path, cli):
     """eval may run a run with other resources, a resume may not change torch_threads: it is
     checked against the checkpoint's own config, not config.yaml."""
     run = tmp_path / "nav"
@@ -142,7 +163,8 @@ def test_resume_refuses_torch_threads_edited_into_config_yaml(nav_run: Path, tmp
     text = (run / "config.yaml").read_text()
     assert "torch_threads: 1\n" in text
     (run / "config.yaml").write_text(text.replace("torch_threads: 1\n", "torch_threads: 2\n"))
-    err = _one_line_usage_error(run_cli("train", "--resume", str(run), "--set", "outer.iterations=40"))
+    (proc,) = cli(("train", "--resume", str(run), "--set", "outer.iterations=40"))
+    err = _one_line_usage_error(proc)
     assert "cannot change resources.torch_threads" in err, err
 
 
@@ -152,7 +174,7 @@ def _metrics_iterations(run: Path) -> list[int]:
     return [int(r["iteration"]) for r in read_rows(run / "metrics.parquet")]
 
 
-def test_one_writer_per_run_directory(tmp_path: Path, ray_address):
+def test_one_writer_per_run_directory(tmp_path: Path, ray_address, cli):
     """The issue's reproduction: a second `train --resume` (and eval, and --overwrite) into a
     directory a running `train` writes is refused, naming the holder; once the holder is killed
     (SIGKILL: no clean-up) its lock is stale and a resume takes over, continuing the same run."""
@@ -160,8 +182,6 @@ def test_one_writer_per_run_directory(tmp_path: Path, ray_address):
     import subprocess
     import sys
     import time
-
-    from tests.conftest import ROOT
 
     run = tmp_path / "run"
     first = subprocess.Popen(
@@ -175,9 +195,9 @@ def test_one_writer_per_run_directory(tmp_path: Path, ray_address):
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
             time.sleep(0.2)
         holder = f"PID {first.pid} on "
-        for command in (["train", "--resume", str(run), "--set", "seed=7"], ["eval", str(run)],
-                        ["train", "quickstart", *QUICK, "--output", str(run), "--overwrite"]):
-            err = _one_line_usage_error(run_cli(*command))
+        for proc in cli(("train", "--resume", str(run), "--set", "seed=7"), ("eval", str(run)),
+                        ("train", "quickstart", *QUICK, "--output", str(run), "--overwrite")):
+            err = _one_line_usage_error(proc)
             assert "is in use by" in err and holder in err and "metaray train" in err, err
         assert first.poll() is None, "the refused commands must not disturb the running one"
         first.send_signal(signal.SIGKILL)

@@ -48,7 +48,7 @@ def test_rayjob_trains_into_s3_and_the_rayservice_serves_it(token_cluster, s3):
     job_id = submit(client, job["entrypoint"], yaml.safe_load(job["runtimeEnvYAML"]))
     while (status := str(client.get_job_status(job_id).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < start + 400, "the RayJob's entrypoint did not finish in 400 s"
-        time.sleep(1)
+        time.sleep(0.25)
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-3000:]
     print(f"RayJob entrypoint wall time {time.monotonic() - start:.1f}s")
@@ -78,7 +78,7 @@ def test_rayjob_trains_into_s3_and_the_rayservice_serves_it(token_cluster, s3):
                 pass
             status = requests.get(api, headers=auth, timeout=30).json().get("applications", {})
             assert time.monotonic() < deadline, f"the RayService app did not come up: {status}"
-            time.sleep(1)
+            time.sleep(0.25)
         assert health.json()["run"] == uri.rstrip("/").rsplit("/", 1)[-1]
         assert health.json()["iteration"] == iterations
         body = {"task": {"goal": [0.4, -0.35]}, "steps": 2, "seed": 1, "return_params": False}

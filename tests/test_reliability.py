@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,29 @@ from metaray.config import ConfigError, load_config
 from metaray.training.run_dir import RunDir, read_rows
 from metaray.training.trainer import train
 from tests.conftest import ROOT, run_cli
+from tests.forked_cli import ForkedCli
 
-BUSY = ["outer.iterations=5", "outer.meta_batch_size=16", "inner.steps=2", "policy.hidden_sizes=[32]",
+BUSY = ["outer.iterations=6", "outer.meta_batch_size=16", "inner.steps=2", "policy.hidden_sizes=[32]",
         "eval.tasks=2", "checkpoint.every=2"]
+_UNDISTURBED: dict[str, np.ndarray] = {}
+
+
+def _undisturbed(cfg, tmp_path) -> np.ndarray:
+    """The final meta-parameters of ``cfg`` trained without faults, on the session's Ray: trained once per
+    config for the module (a run is a function of its config, which is the key)."""
+    key = cfg.model_dump_json()
+    if key not in _UNDISTURBED:
+        reference = RunDir(tmp_path / "reference")
+        reference.prepare(cfg, overwrite=False)
+        _UNDISTURBED[key] = train(cfg, reference, log=lambda _: None)["params"].copy()
+    return _UNDISTURBED[key].copy()
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI for the commands refused before a run starts: see tests/forked_cli.py."""
+    with ForkedCli(tmp_path_factory.mktemp("cli")) as forked:
+        yield forked
 
 
 def _wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
@@ -34,9 +55,7 @@ def _wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> Non
 def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
     """ray.kill a worker during iteration 2: the run finishes, every task counted once, same result."""
     cfg = load_config("quickstart", BUSY)
-    reference = RunDir(tmp_path / "reference")
-    reference.prepare(cfg, overwrite=False)
-    expected = train(cfg, reference, log=lambda _: None)["params"]
+    expected = _undisturbed(cfg, tmp_path)
 
     run = RunDir(tmp_path / "faulty")
     run.prepare(cfg, overwrite=False)
@@ -52,7 +71,7 @@ def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
     assert not thread.is_alive() and "params" in outcome
 
     rows = run.read_metrics()
-    assert [r["iteration"] for r in rows] == list(range(5))
+    assert [r["iteration"] for r in rows] == list(range(6))
     for r in rows:  # each (iteration, task index) result counted exactly once
         assert r["tasks_counted"] == 16 and r["task_indices"] == ",".join(map(str, range(16)))
     assert sum(r["worker_failures"] for r in rows) >= 1
@@ -143,11 +162,9 @@ def test_iteration_with_too_few_finite_results_is_retried_on_a_fresh_task_draw(r
 
 def test_driver_killed_then_resumed_is_bit_identical(ray_local, ray_address, tmp_path):
     """SIGKILL the driver between checkpoints; --resume ends where an uninterrupted run ends."""
-    overrides = [*BUSY, "outer.iterations=6", "outer.optimizer=adam"]
+    overrides = [*BUSY, "outer.optimizer=adam"]  # quickstart's optimizer: the worker-kill test's config
     cfg = load_config("quickstart", overrides)
-    reference = RunDir(tmp_path / "reference")
-    reference.prepare(cfg, overwrite=False)
-    expected = train(cfg, reference, log=lambda _: None)["params"]
+    expected = _undisturbed(cfg, tmp_path)
 
     out = tmp_path / "run"
     sets = [arg for o in overrides for arg in ("--set", o)]
@@ -178,7 +195,7 @@ def test_driver_killed_then_resumed_is_bit_identical(ray_local, ray_address, tmp
         list(range(6)) * cfg.outer.meta_batch_size), "resuming drops the killed iteration's rows, then re-runs it"
 
 
-def test_truncated_checkpoint_is_refused_on_resume(tmp_path):
+def test_truncated_checkpoint_is_refused_on_resume(tmp_path, cli):
     cfg = load_config("quickstart", ["policy.hidden_sizes=[4]"])
     run = RunDir(tmp_path / "run")
     run.prepare(cfg, overwrite=False)
@@ -189,28 +206,37 @@ def test_truncated_checkpoint_is_refused_on_resume(tmp_path):
     config_before = run.config_path.read_text()
     with pytest.raises(ConfigError, match=r"checkpoint_000004\.pt is corrupt.*delete it to resume from"):
         run.latest_checkpoint()
-    proc = run_cli("train", "--resume", str(run.path))
+    (proc,) = cli(("train", "--resume", str(run.path)))
     assert proc.returncode == 2 and "is corrupt: its checksum does not match" in proc.stderr
     assert run.config_path.read_text() == config_before
 
 
-def test_incompatible_checkpoint_or_diverging_resume_is_refused(ray_address, tmp_path):
+def test_incompatible_checkpoint_or_diverging_resume_is_refused(ray_address, tmp_path, cli):
     out = tmp_path / "run"
     proc = run_cli("train", "quickstart", "--output", str(out), "--set", "outer.iterations=2", "--set",
                    "outer.meta_batch_size=2", "--set", "inner.episodes=2", "--set", "rollout.horizon=5",
                    "--set", "eval.tasks=1", "--address", ray_address)
     assert proc.returncode == 0, proc.stderr
     before = (out / "config.yaml").read_text()
-    proc = run_cli("train", "--resume", str(out), "--set", "policy.hidden_sizes=[32]")
+    # The refused resumes side by side, each in a run directory of its own (a resume locks it): two in copies,
+    # the last in the run itself, which is then resumed.
+    copies = [tmp_path / f"run-{i}" for i in range(2)]
+    for copy in copies:
+        shutil.copytree(out, copy)
+    refused = cli(("train", "--resume", str(copies[0]), "--set", "policy.hidden_sizes=[32]"),
+                  # What would make the resumed run differ from an uninterrupted one is named and refused.
+                  ("train", "--resume", str(copies[1]), "--set", "seed=7", "--set", "inner.lr=0.2",
+                   "--set", "resources.torch_threads=2"),
+                  ("train", "--resume", str(out), "--set", "outer.iterations=1"))
+    proc = refused[0]
     assert proc.returncode == 2 and "holds a policy of 4484 parameters" in proc.stderr
-    # What would make the resumed run differ from an uninterrupted one is named and refused.
-    proc = run_cli("train", "--resume", str(out), "--set", "seed=7", "--set", "inner.lr=0.2",
-                   "--set", "resources.torch_threads=2")
+    proc = refused[1]
     assert proc.returncode == 2 and "cannot change inner.lr, resources.torch_threads, seed" in proc.stderr
-    proc = run_cli("train", "--resume", str(out), "--set", "outer.iterations=1")
+    proc = refused[2]
     assert proc.returncode == 2 and "below the 2 iterations its checkpoint already holds" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert (out / "config.yaml").read_text() == before
+    for run in (*copies, out):
+        assert (run / "config.yaml").read_text() == before
     # What may change does: more iterations, another evaluation size, other resources.
     proc = run_cli("train", "--resume", str(out), "--set", "outer.iterations=3", "--set", "eval.tasks=2",
                    "--set", "resources.num_workers=1", "--address", ray_address)
@@ -218,7 +244,7 @@ def test_incompatible_checkpoint_or_diverging_resume_is_refused(ray_address, tmp
     assert RunDir(out).latest_checkpoint()["iteration"] == 3
 
 
-def test_non_finite_parameters_are_never_checkpointed_nor_evaluated(tmp_path):
+def test_non_finite_parameters_are_never_checkpointed_nor_evaluated(tmp_path, cli):
     import hashlib
     import io
 
@@ -240,7 +266,7 @@ def test_non_finite_parameters_are_never_checkpointed_nor_evaluated(tmp_path):
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     raw = buf.getvalue()
     (run.checkpoints / "checkpoint_000001.pt").write_bytes(_MAGIC + hashlib.sha256(raw).digest() + raw)
-    proc = run_cli("eval", str(run.path), "--tasks", "2", "--steps", "1")
+    (proc,) = cli(("eval", str(run.path), "--tasks", "2", "--steps", "1"))
     assert proc.returncode == 2 and "non-finite (NaN or inf) parameters" in proc.stderr
     assert "Traceback" not in proc.stderr and not run.eval_path.exists()
 
@@ -267,9 +293,9 @@ def test_kill_during_checkpoint_write_leaves_no_valid_looking_file(tmp_path):
 
 
 @pytest.mark.parametrize("address", ["127.0.0.2:1", "ray://127.0.0.2:1"])
-def test_unreachable_address_fails_fast_naming_it(tmp_path, address):
+def test_unreachable_address_fails_fast_naming_it(tmp_path, address, cli):
     start = time.monotonic()
-    proc = run_cli("train", "quickstart", "--output", str(tmp_path / "run"), "--address", address)
+    (proc,) = cli(("train", "quickstart", "--output", str(tmp_path / "run"), "--address", address))
     assert proc.returncode == 1
     assert f"cannot reach the Ray cluster at {address}" in proc.stderr
     assert time.monotonic() - start < 30

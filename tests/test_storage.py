@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
@@ -18,6 +19,7 @@ from metaray.config import ConfigError, load_config
 from metaray.training.run_dir import RunDir
 from metaray.training.storage import local_path, redact
 from tests.conftest import ROOT, run_cli
+from tests.forked_cli import ForkedCli
 from tests.s3 import CREDENTIALS, MotoS3, restore, set_credentials
 
 LONG = ["--set", "outer.iterations=100000", "--set", "outer.meta_batch_size=2", "--set", "inner.episodes=2",
@@ -51,12 +53,19 @@ def _iterations(run: RunDir) -> list[int]:
     return [int(r["iteration"]) for r in run.read_metrics()]
 
 
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI for the commands that start no run: see tests/forked_cli.py."""
+    with ForkedCli(tmp_path_factory.mktemp("cli")) as forked:
+        yield forked
+
+
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metaray.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env)
 
 
-def test_uris_name_their_store_and_never_show_credentials(tmp_path):
+def test_uris_name_their_store_and_never_show_credentials(tmp_path, cli):
     assert local_path(f"file://{tmp_path}") == tmp_path and local_path("runs/x") == local_path("runs/x")
     shown = redact("s3://KEY:SECRET@bucket/p?secret_key=s3cr3t&endpoint_override=127.0.0.30:9000&scheme=http")
     assert "SECRET" not in shown and "s3cr3t" not in shown and "KEY" not in shown
@@ -72,7 +81,8 @@ def test_uris_name_their_store_and_never_show_credentials(tmp_path):
             RunDir(bad)
         assert "SECRET" not in redact(bad)
     # A job's entrypoint is metadata anyone who lists jobs reads: refused before anything is sent.
-    proc = run_cli("submit", "quickstart", "--output", "s3://KEY:s3cr3tVALUE@bucket/run", "--address", "http://127.0.0.2:1")
+    (proc,) = cli(("submit", "quickstart", "--output", "s3://KEY:s3cr3tVALUE@bucket/run", "--address",
+                   "http://127.0.0.2:1"))
     assert proc.returncode == 2 and "credentials in a URI" in proc.stderr and "s3cr3tVALUE" not in proc.stderr
 
 
@@ -151,7 +161,7 @@ def test_a_writer_that_lost_its_lease_stops_writing(s3, monkeypatch):
     assert json.loads(s3.fs.open_input_stream("metaray/runs/lost/.metaray.lock").read())["id"] == "other"
 
 
-def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
+def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path, cli):
     """The issue's flow on s3://: a run SIGKILLed mid-way keeps every completed iteration's rows and
     its lock lease until it lapses; the resume is bit-identical to an uninterrupted run; eval and
     report write into the bucket; no credential is written anywhere."""
@@ -160,7 +170,7 @@ def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
     env = {**os.environ, "METARAY_LOCK_LEASE_S": "4"}
     with _long_run(uri, ray_address, env) as first:
         _wait_for_checkpoints(s3, prefix, first, 3)
-        busy = _cli("train", "--resume", uri, "--set", "seed=7", env=env)
+        (busy,) = cli((("train", "--resume", uri, "--set", "seed=7"), {"env": env}))
         assert busy.returncode == 2 and f"is in use by PID {first.pid} on" in busy.stderr, busy.stderr
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
@@ -171,14 +181,18 @@ def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
     # The dead writer's lease holds until it lapses (no process is left to release it); then it is taken over.
     lock = json.loads(s3.fs.open_input_stream(f"metaray/{prefix}/.metaray.lock").read())
     assert lock["pid"] == first.pid
-    time.sleep(max(0.0, lock["expires"] - time.time() + 0.5))
-    resumed = _cli("train", "--resume", uri, "--set", f"outer.iterations={done + 2}", "--address", ray_address,
-                   env=env)
+    # The uninterrupted reference run (a local directory of its own) meanwhile: while the lease lapses and the
+    # resume runs. One worker each: both fit the session's Ray at once.
+    reference = tmp_path / "reference"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        uninterrupted = pool.submit(run_cli, "train", "quickstart", "--output", str(reference), "--address",
+                                    ray_address, *LONG, "--set", f"outer.iterations={done + 2}")
+        time.sleep(max(0.0, lock["expires"] - time.time() + 0.5))
+        resumed = _cli("train", "--resume", uri, "--set", f"outer.iterations={done + 2}", "--address", ray_address,
+                       env=env)
+        proc = uninterrupted.result()
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from iteration {done}" in resumed.stdout
-    reference = tmp_path / "reference"
-    proc = run_cli("train", "quickstart", "--output", str(reference), "--address", ray_address,
-                   *LONG, "--set", f"outer.iterations={done + 2}")
     assert proc.returncode == 0, proc.stderr
     on_s3 = RunDir(uri)
     assert torch.equal(on_s3.latest_checkpoint()["params"], RunDir(reference).latest_checkpoint()["params"])
@@ -187,9 +201,9 @@ def test_train_sigkill_resume_eval_report_on_s3(s3, ray_address, tmp_path):
     evaluated = _cli("eval", uri, "--tasks", "2", "--steps", "1", "--baselines", "pretrained", "--address",
                      ray_address, env=env)
     assert evaluated.returncode == 0, evaluated.stderr
-    reported = _cli("report", uri, env=env)
+    reported, compared = cli((("report", uri), {"env": env}),  # two readers of the evaluated run, side by side
+                             (("runs", "compare", uri, str(reference), "--json"), {"env": env}))
     assert reported.returncode == 0, reported.stderr
-    compared = _cli("runs", "compare", uri, str(reference), "--json", env=env)
     assert compared.returncode == 0, compared.stderr
     assert [row["algorithm"] for row in json.loads(compared.stdout)] == ["maml", "maml"]
     keys = s3.keys(prefix)
