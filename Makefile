@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests --durations=25
 
 bench: $(STAMP)
-	$(BIN)/metaray bench --output bench.json
+	$(BIN)/metaray bench --output bench.json --readme README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check metaray tests

@@ -485,18 +485,48 @@ def bench(
     iterations: Annotated[int, typer.Option(min=2, help="Iterations per timed run.")] = 7,
     warmup: Annotated[int, typer.Option(min=0, help="Leading iterations left out of the medians.")] = 2,
     quick: Annotated[bool, typer.Option(help="Tiny budgets: checks the benchmark runs, figures meaningless.")] = False,
+    readme: Annotated[Path | None, typer.Option(
+        help="Also render the figures into this README, between its bench markers.")] = None,
+    from_json: Annotated[Path | None, typer.Option(
+        "--from", help="Measure nothing: render this bench.json into --readme.")] = None,
 ) -> None:
     """Measure rollout speed against the physical limit and training speed; write JSON."""
-    from metaray.bench import run_bench
+    from metaray.bench.markdown import performance_markdown, replace_block
+    from metaray.limits import one_line
     from metaray.training.run_dir import atomic_write
 
     if warmup >= iterations:
         raise _fail(f"--warmup ({warmup}) must be below --iterations ({iterations})", 2)
-    result = run_bench(iterations, warmup, quick)
-    text = json.dumps(result, indent=2)
-    atomic_write(output, lambda f: f.write(text.encode()))
-    typer.echo(text)
-    typer.echo(f"wrote {output}")
+    if from_json is not None and readme is None:
+        raise _fail("--from renders into a README: give --readme too", 2)
+    text = None
+    if readme is not None:  # checked before minutes of measuring, rechecked before writing
+        try:
+            replace_block(readme.read_text(encoding="utf-8"), "")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise _fail(f"--readme {readme}: {one_line(err)}", 2) from None
+    if from_json is not None:
+        try:
+            result = json.loads(from_json.read_text(encoding="utf-8"))
+            block = performance_markdown(result if isinstance(result, dict) else {})
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise _fail(f"--from {from_json}: {one_line(err)}", 2) from None
+    else:
+        from metaray.bench import run_bench
+
+        result = run_bench(iterations, warmup, quick)
+        text = json.dumps(result, indent=2)
+        atomic_write(output, lambda f: f.write(text.encode()))
+        typer.echo(text)
+        typer.echo(f"wrote {output}")
+        block = performance_markdown(result)
+    if readme is not None:
+        try:
+            updated = replace_block(readme.read_text(encoding="utf-8"), block)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise _fail(f"--readme {readme}: {one_line(err)}", 2) from None
+        atomic_write(readme, lambda f: f.write(updated.encode()))
+        typer.echo(f"rendered the figures into {readme}")
 
 
 @app.command()

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from metaray.limits import MAX_CONFIG_BYTES, InputLimitError, load_yaml, one_line, read_text, short_repr
 
@@ -56,8 +65,16 @@ class PolicyConfig(_Section):
     """Widths of the MLP's hidden layers: 1 to 8 layers of 1 to 4096 units."""
     activation: Literal["tanh", "relu"] = "tanh"
     """Hidden-layer nonlinearity."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of Gaussian policies (continuous actions)."""
+    init: Literal["xavier", "orthogonal"] = "xavier"
+    """Initial weights (biases zero). xavier: xavier-uniform, as the MAML reference code.
+    orthogonal: as Stable-Baselines3 and CleanRL, orthogonal with gain sqrt(2) in the hidden
+    layers and output_gain in the output layer (the means or logits). Not used by rl2, whose
+    recurrent policy has its own (orthogonal heads of gain 0.01 and 1 on a xavier trunk)."""
+    output_gain: float | None = Field(None, ge=0, le=10)
+    """Gain of the output layer's initial weights, 0 to 10; None: the init's own (xavier 1,
+    orthogonal 0.01: near-zero first means, so a Gaussian policy starts centred in its action range)."""
+    init_log_std: float = Field(0.0, ge=-20, le=5)
+    """Initial log standard deviation of Gaussian policies (continuous actions), -20 to 5."""
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -67,6 +84,17 @@ class PolicyConfig(_Section):
         if len(value) > MAX_LAYERS or any(w > MAX_WIDTH for w in value):
             raise ValueError(f"at most {MAX_LAYERS} hidden layers of at most {MAX_WIDTH} units each")
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump_without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """init and output_gain appear in a dump only when set away from their defaults: a run
+        that leaves them dumps its config as before they existed, so the config.yaml and the
+        checkpoints of earlier runs still match (resume compares the policy section)."""
+        data = handler(self)
+        for key in ("init", "output_gain"):
+            if data.get(key) == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
 
 class InnerConfig(_Section):

@@ -253,3 +253,15 @@ def token_cluster(s3):
     finally:
         cluster.stop()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread, as a worker computes (resources.torch_threads): on small tensors more
+    threads only contend, a lot on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ GAMMAS = [0.0, 0.5, 0.9, 0.99, 1.0]
 LAMBDAS = [0.0, 0.3, 0.95, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost time (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lengths_for(seed: int) -> list[int]:

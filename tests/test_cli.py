@@ -99,7 +99,8 @@ def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init_log_std": 0.0}
+    assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init": "orthogonal",
+                               "init_log_std": -1.6}
     assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == optimizer
 
 

@@ -189,12 +189,14 @@ def test_worker_hessian_vector_product_matches_finite_differences_of_kl_gradient
     assert _rel_err(torch.from_numpy(hv), fd) < 2e-2  # float32 policy: a looser, still discriminating bound
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2])
-def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(inner_steps):
-    """The no-adaptation baseline: the policy gradient at theta on every batch sampled for the task."""
-    cfg = validate({"algorithm": "pretrain", "seed": 2, "task": {"family": "navigation2d"},
+@pytest.mark.parametrize("family,inner_steps,horizon", [("navigation2d", 1, 12), ("navigation2d", 2, 12),
+                                                        ("cartpole", 2, 60)])
+def test_pretrain_gradient_matches_finite_differences_on_all_its_episodes(family, inner_steps, horizon):
+    """The no-adaptation baseline: the policy gradient at theta on every batch sampled for the task
+    (on cartpole the batches stop at different lengths, their longest episodes')."""
+    cfg = validate({"algorithm": "pretrain", "seed": 2, "task": {"family": family},
                     "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 5, "steps": inner_steps},
-                    "rollout": {"horizon": 12}, "outer": {"optimizer": "trpo"}})
+                    "rollout": {"horizon": horizon}, "outer": {"optimizer": "trpo"}})
     runner = TaskWorker(cfg)
     flat = flatten(runner.template).numpy()
     task = runner.family.sample_tasks(1, np.random.default_rng(4))[0]

@@ -215,6 +215,9 @@ def test_rl2_config_is_checked():
         load_config("quickstart", [*BANDIT, "rl2.hidden_size=0"])
     with pytest.raises(ConfigError, match=r"outer\.optimizer 'trpo' does not fit algorithm 'rl2'"):
         load_config("quickstart", [*BANDIT, "outer.optimizer=trpo"])
+    for option in ("policy.init=orthogonal", "policy.output_gain=0.5"):
+        with pytest.raises(ConfigError, match=r"policy\.init and policy\.output_gain do not apply to rl2"):
+            load_config("quickstart", [*BANDIT, option])
 
 
 # The bandit-rl2 preset: the dependent bandit (arms paying p and 1 - p); without memory every

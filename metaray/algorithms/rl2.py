@@ -81,6 +81,9 @@ class RL2(Algorithm):
         if config.rl2.minibatches > config.inner.episodes:
             raise ValueError(f"rl2.minibatches={config.rl2.minibatches} is more than the inner.episodes="
                              f"{config.inner.episodes} trials each task samples")
+        if config.policy.init != "xavier" or config.policy.output_gain is not None:
+            raise ValueError("policy.init and policy.output_gain do not apply to rl2: its recurrent policy "
+                             "initialises its own heads (orthogonal, gains 0.01 and 1)")
 
     @classmethod
     def make_policy(cls, spec: SpaceSpec, config: Config) -> RecurrentPolicy:

@@ -17,6 +17,31 @@ Params = OrderedDict[str, torch.Tensor]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
+INITS = ("xavier", "orthogonal")
+"""Weight initialisations of the MLP policies (``policy.init``)."""
+
+HIDDEN_GAIN = {"xavier": 1.0, "orthogonal": 2.0**0.5}
+OUTPUT_GAIN = {"xavier": 1.0, "orthogonal": 0.01}
+"""Gains of the hidden layers and of the output layer (means or logits) for each init, the
+output layer's unless ``policy.output_gain`` sets it. xavier: xavier-uniform at gain 1, as in
+the MAML reference code (pytorch-maml-rl). orthogonal: as Stable-Baselines3's ActorCriticPolicy
+and CleanRL's PPO do, for tanh and relu alike: orthogonal weights of gain sqrt(2) in the hidden
+layers and 0.01 in the action head, so the first policy's means (or logits) are near zero."""
+
+
+def init_linear(layers: list[nn.Linear], init: str = "xavier", output_gain: float | None = None) -> None:
+    """Initialise an MLP's linear layers in place (the last is the output layer); biases zero.
+
+    Draws from torch's global generator, one layer after the other: seed it first."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use {' or '.join(INITS)}")
+    fill = nn.init.xavier_uniform_ if init == "xavier" else nn.init.orthogonal_
+    for k, layer in enumerate(layers):
+        last = k == len(layers) - 1
+        gain = (OUTPUT_GAIN[init] if output_gain is None else output_gain) if last else HIDDEN_GAIN[init]
+        fill(layer.weight, gain=gain)
+        nn.init.zeros_(layer.bias)
+
 
 @dataclass(frozen=True)
 class SpaceSpec:
@@ -62,6 +87,8 @@ class Policy(nn.Module):
         hidden_sizes: list[int],
         activation: str = "tanh",
         init_log_std: float = 0.0,
+        init: str = "xavier",
+        output_gain: float | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -72,10 +99,7 @@ class Policy(nn.Module):
             width = size
         layers.append(nn.Linear(width, spec.act_dim))
         self.body = nn.Sequential(*layers)
-        for module in self.body:
-            if isinstance(module, nn.Linear):  # as in the MAML reference code
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear([m for m in self.body if isinstance(m, nn.Linear)], init, output_gain)
         if not spec.discrete:
             self.log_std = nn.Parameter(torch.full((spec.act_dim,), float(init_log_std)))
 
@@ -140,4 +164,5 @@ def build_policy(spec: SpaceSpec, policy_cfg, seed: int) -> Policy:
     """A policy whose initial weights depend only on ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Policy(spec, policy_cfg.hidden_sizes, policy_cfg.activation, policy_cfg.init_log_std)
+        return Policy(spec, policy_cfg.hidden_sizes, policy_cfg.activation, policy_cfg.init_log_std,
+                      policy_cfg.init, policy_cfg.output_gain)

@@ -18,7 +18,8 @@ from metaray.tasks.batched import BatchedEnv
 
 @dataclass
 class Episodes:
-    """A batch of N episodes of one task, padded to T steps (time-major)."""
+    """A batch of N episodes of one task, padded to T steps (time-major): T is the longest
+    episode's length (at most the horizon)."""
 
     obs: torch.Tensor  # [T, N, obs_dim]
     actions: torch.Tensor  # [T, N] (discrete) or [T, N, act_dim]
@@ -53,8 +54,15 @@ class Episodes:
 
 
 def concat_episodes(batches: list[Episodes]) -> Episodes:
-    """Several batches of one task as one (all are padded to the same horizon)."""
-    cat = lambda name: torch.cat([getattr(b, name) for b in batches], dim=1)  # noqa: E731
+    """Several batches of one task as one. A batch stops at its longest episode, so the
+    shorter ones are padded with masked-out steps to the longest."""
+    steps = max(b.mask.shape[0] for b in batches)
+
+    def cat(name: str) -> torch.Tensor:
+        parts = [getattr(b, name) for b in batches]
+        padded = [torch.cat([p, p.new_zeros(steps - p.shape[0], *p.shape[1:])]) for p in parts]
+        return torch.cat(padded, dim=1)
+
     maybe = lambda name: None if any(getattr(b, name) is None for b in batches) else cat(name)  # noqa: E731
     success = None if any(b.success is None for b in batches) else torch.cat([b.success for b in batches])
     return Episodes(cat("obs"), cat("actions"), cat("rewards"), cat("mask"), maybe("advantages"), maybe("log_probs"),

@@ -7,18 +7,32 @@
   (and its termination when the Ant is unhealthy).
 
 The control cost weight defaults to 0.05 (0.5 * 0.1 sum a^2, as in the MAML reference
-code's cheetah). Needs the ``mujoco`` extra (``gymnasium[mujoco]``).
+code's cheetah). Needs the ``mujoco`` extra (``gymnasium[mujoco]``). ``make_env`` wraps
+gymnasium's env; ``make_batched_env`` steps the same dynamics for all of a task's episodes
+on the mujoco bindings directly (metaray.tasks.mujoco_batched), equal step for step.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 
 from metaray.tasks.base import Task
+
+if TYPE_CHECKING:  # the mujoco extra is imported only when a batched env is built
+    from metaray.tasks.mujoco_batched import BatchedLocomotion, Physics
+
+
+def goal_forward(task: Task, x_velocity: Any) -> Any:
+    """The task's forward reward from v5's ``x_velocity``: one env's float or a batch's array,
+    by the same operations (so the batched dynamics' rewards equal the wrapper's)."""
+    if "velocity" in task:
+        return -abs(x_velocity - task["velocity"])
+    return task["direction"] * x_velocity
 
 
 class _GoalReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -31,11 +45,7 @@ class _GoalReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         obs, _, terminated, truncated, info = self.env.step(action)
-        v = float(info["x_velocity"])
-        if "velocity" in self.task:
-            forward = -abs(v - self.task["velocity"])
-        else:
-            forward = self.task["direction"] * v
+        forward = goal_forward(self.task, float(info["x_velocity"]))
         reward = forward + sum(float(info[k]) for k in self.keep)
         return obs, reward, terminated, truncated, {**info, "reward_task": forward}
 
@@ -57,12 +67,50 @@ def _make(env_id: str, **kwargs: Any) -> gym.Env:
         raise RuntimeError(f"{env_id} needs MuJoCo: pip install 'metaray[mujoco]' ({err})") from None
 
 
+@functools.cache
+def _physics(env_id: str, ctrl_cost_weight: float) -> Physics:
+    """One shared model and the env's constants per process, read off the env make_env builds."""
+    env = _make(env_id, ctrl_cost_weight=ctrl_cost_weight)  # first: its error says what to install
+    from metaray.tasks.mujoco_batched import Physics
+
+    try:
+        return Physics.from_env(env)
+    finally:
+        env.close()
+
+
+class _Locomotion:
+    """A goal on one of the v5 envs: gymnasium's env wrapped (make_env), or the same dynamics
+    batched on the mujoco bindings (make_batched_env)."""
+
+    env_id = ""
+    keep: tuple[str, ...] = ()  # the v5 reward terms kept beside the task's forward reward
+    ctrl_cost_weight: float
+
+    def _goal(self, task: Task) -> Task:
+        """The task's goal, checked and as plain Python numbers."""
+        raise NotImplementedError
+
+    def make_env(self, task: Task) -> gym.Env:
+        env = _make(self.env_id, ctrl_cost_weight=self.ctrl_cost_weight)
+        return _GoalReward(env, self._goal(task), keep=self.keep)
+
+    def make_batched_env(self, task: Task, n: int, horizon: int) -> BatchedLocomotion:
+        forward = functools.partial(goal_forward, self._goal(task))
+        physics = _physics(self.env_id, self.ctrl_cost_weight)
+        from metaray.tasks.mujoco_batched import BatchedLocomotion
+
+        return BatchedLocomotion(physics, forward, self.keep, n)
+
+
 VELOCITY_LIMIT = 20.0
 """Served target velocities lie within this (m/s; or the sampled range, if wider): a fast
 HalfCheetah runs at about 10."""
 
 
-class HalfCheetahVel:
+class HalfCheetahVel(_Locomotion):
+    env_id, keep = "HalfCheetah-v5", ("reward_ctrl",)
+
     def __init__(self, low: float = 0.0, high: float = 2.0, ctrl_cost_weight: float = 0.05) -> None:
         if not low <= high:
             raise ValueError(f"low ({low}) must not exceed high ({high})")
@@ -72,16 +120,13 @@ class HalfCheetahVel:
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
         return [{"velocity": float(v)} for v in rng.uniform(self.low, self.high, size=n)]
 
-    def make_env(self, task: Task) -> gym.Env:
-        env = _make("HalfCheetah-v5", ctrl_cost_weight=self.ctrl_cost_weight)
-        return _GoalReward(env, {"velocity": float(task["velocity"])}, keep=("reward_ctrl",))
+    def _goal(self, task: Task) -> Task:
+        return {"velocity": float(task["velocity"])}
 
 
-class _Direction:
+class _Direction(_Locomotion):
     """Forward (+1) or backward (-1) on one of the v5 locomotion envs."""
 
-    env_id = ""
-    keep: tuple[str, ...] = ()
     task_bounds = {"direction": (-1, 1)}
 
     @staticmethod
@@ -95,11 +140,10 @@ class _Direction:
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
         return [{"direction": int(d)} for d in rng.choice([-1, 1], size=n)]
 
-    def make_env(self, task: Task) -> gym.Env:
+    def _goal(self, task: Task) -> Task:
         if task["direction"] not in (-1, 1):
             raise ValueError(f"direction must be -1 or 1, got {task['direction']!r}")
-        env = _make(self.env_id, ctrl_cost_weight=self.ctrl_cost_weight)
-        return _GoalReward(env, {"direction": int(task["direction"])}, keep=self.keep)
+        return {"direction": int(task["direction"])}
 
 
 class HalfCheetahDir(_Direction):

@@ -1,0 +1,110 @@
+"""``metaray bench``: every figure written (tiny budgets: the figures are meaningless here), and
+the README's Performance block rendered from it, nothing else in the README touched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metaray.bench.markdown import BEGIN, END, performance_markdown, replace_block
+from tests.conftest import run_cli
+from tests.forked_cli import ForkedCli
+
+PROSE_BEFORE = "# Project\n\n## Performance\n\nHand-written prose that must survive.\n\n"
+PROSE_AFTER = "\n\nMore prose after the figures.\n"
+
+
+def _readme(path: Path, block: str = "stale figures") -> Path:
+    path.write_text(f"{PROSE_BEFORE}{BEGIN}\n{block}\n{END}{PROSE_AFTER}", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI for the commands that measure nothing: see tests/forked_cli.py."""
+    with ForkedCli(tmp_path_factory.mktemp("cli")) as forked:
+        yield forked
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory) -> tuple[dict, Path, Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out, readme = tmp / "bench.json", _readme(tmp / "README.md")
+    proc = run_cli("bench", "--quick", "--iterations", "3", "--warmup", "1", "--output", str(out),
+                   "--readme", str(readme))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), out, readme
+
+
+def test_bench_writes_every_figure(quick_bench):
+    result, _, _ = quick_bench
+    for family in ("navigation2d", "cartpole"):
+        r = result["rollout"][family]
+        assert r["limit_steps_per_s"] > 0 and r["rollout_vs_limit"] == pytest.approx(
+            r["rollout_steps_per_s"] / r["limit_steps_per_s"])
+    for family, env in (("halfcheetah", "HalfCheetah-v5"), ("ant", "Ant-v5")):
+        r = result["rollout"][family]
+        assert r["env"] == env and r["mj_step_limit_steps_per_s"] > 0
+        assert r["rollout_vs_limit"] == pytest.approx(r["rollout_steps_per_s"] / r["mj_step_limit_steps_per_s"])
+    trials = result["rollout"]["navigation2d_rl2"]
+    assert trials["trial_steps_per_s"] > 0 and trials["vs_mlp_rollout"] == pytest.approx(
+        trials["trial_steps_per_s"] / result["rollout"]["navigation2d"]["rollout_steps_per_s"])
+    p = result["trpo_products"]
+    assert p["cg_round_s"] > 0 and 0 < p["cg_round_floor_s"] and p["matmul_gflops"] > 0
+    assert p["cg_round_vs_floor"] == pytest.approx(p["cg_round_s"] / p["cg_round_floor_s"])
+    for setting in ("navigation2d_maml_trpo", "cartpole_reptile", "navigation2d_rl2", "halfcheetah_vel_trpo"):
+        s = result[setting]
+        assert s["iteration_s"] > 0 and s["train_steps_per_s"] > 0 and s["iterations_measured"] == 2
+        assert set(s["phase_s"]) == {"sampling", "adaptation_and_meta_gradient", "outer_step", "ray_overhead"}
+    assert set(result["workers_scaling"]) >= {"1", "2", "speedup"}
+    assert result["vs_reference"]["halfcheetah_vel_speedup"] == pytest.approx(
+        result["reference"]["halfcheetah_vel_iteration_s"] / result["halfcheetah_vel_trpo"]["iteration_s"])
+    m = result["machine"]
+    assert m["cpus"] >= 1 and m["processor"] and m["memory_gib"] > 0 and result["settings"]["quick"] is True
+
+
+def test_bench_renders_the_readme_block_and_nothing_else(quick_bench, tmp_path, cli):
+    result, out, readme = quick_bench
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(PROSE_BEFORE + BEGIN) and text.endswith(END + PROSE_AFTER)
+    assert "stale figures" not in text
+    block = performance_markdown(result)
+    assert block in text
+    nav = result["rollout"]["navigation2d"]
+    assert f"{nav['rollout_steps_per_s']:,.0f}" in block and "Quick run" in block
+    # Rendering again from the JSON alone gives the same README (measuring nothing).
+    again = _readme(tmp_path / "README.md")
+    (proc,) = cli(("bench", "--from", str(out), "--readme", str(again)))
+    assert proc.returncode == 0, proc.stderr
+    assert again.read_text(encoding="utf-8") == text
+
+
+def test_bench_refusals_are_one_line_and_touch_nothing(tmp_path, cli):
+    """A bad bench.json (not JSON, not an object, incomplete), a README without markers (refused
+    before minutes of measuring), --from without --readme: exit 2, one line, nothing written."""
+    readmes, jsons = [], []
+    for i, content in enumerate(("{not json", "[1, 2]", '{"machine": {}}')):
+        (tmp_path / f"{i}.json").write_text(content)
+        jsons.append(tmp_path / f"{i}.json")
+        readmes.append(_readme(tmp_path / f"README{i}.md"))
+    before = [r.read_bytes() for r in readmes]
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers here\n")
+    out = tmp_path / "bench.json"
+    procs = cli(*[("bench", "--from", str(j), "--readme", str(r)) for j, r in zip(jsons, readmes)],
+                ("bench", "--output", str(out), "--readme", str(bare)), ("bench", "--from", str(jsons[0])))
+    for proc, why in zip(procs, ("Expecting", "missing", "missing", "bench markers", "give --readme")):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and why in proc.stderr, proc.stderr
+    assert [r.read_bytes() for r in readmes] == before and bare.read_text() == "# no markers here\n"
+    assert not out.exists()
+
+
+def test_replace_block_needs_exactly_one_pair_of_markers():
+    text = f"a\n{BEGIN}\nold\n{END}\nb"
+    assert replace_block(text, "new") == f"a\n{BEGIN}\nnew\n{END}\nb"
+    for broken in ("a", f"{END}\n{BEGIN}", f"{BEGIN}{BEGIN}{END}", f"{BEGIN}\n{END}\n{END}"):
+        with pytest.raises(ValueError, match="bench markers"):
+            replace_block(broken, "new")

@@ -1,0 +1,128 @@
+"""TRPO's hand-written worker products (metaray.algorithms.curvature) against the autograd path,
+which stays the fallback for any other policy or inner loss and is the reference here."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from metaray.algorithms.adapt import adapt, leaf_params
+from metaray.algorithms.curvature import PolicyGradientLoss
+from metaray.algorithms.losses import masked_mean, pg_loss
+from metaray.algorithms.maml import MAML
+from metaray.algorithms.trpo import TRPOTask
+from metaray.config import validate
+from metaray.core.advantages import compute_advantages
+from metaray.core.policy import Policy, flatten
+from metaray.core.rollout import collect
+from metaray.core.task_worker import TaskWorker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _pair(family: str, activation: str, steps: int, dtype: torch.dtype) -> tuple[TRPOTask, TRPOTask, np.ndarray]:
+    """One task's kept state twice, hand-written and autograd: real episodes of a real env (cartpole's
+    end early, so rows of padding are dropped), a two-hidden-layer policy cast to ``dtype``."""
+    cfg = validate({"algorithm": "maml", "seed": 2, "task": {"family": family},
+                    "policy": {"hidden_sizes": [12, 10], "activation": activation, "init_log_std": -0.5},
+                    "inner": {"steps": max(steps, 1), "lr": 0.5, "episodes": 5}, "rollout": {"horizon": 100}})
+    worker = TaskWorker(cfg)
+    envs = worker.make_envs(worker.family.sample_tasks(1, np.random.default_rng(3))[0])
+    gen = torch.Generator().manual_seed(4)
+    batches = [compute_advantages(collect(worker.policy, worker.template, envs, cfg.rollout.horizon,
+                                          [100 * k + i for i in range(envs.num_envs)], gen), 0.99, 0.95, True).to(dtype)
+               for k in range(steps + 1)]
+    policy = worker.policy.to(dtype)
+    template = OrderedDict((k, v.to(dtype)) for k, v in worker.template.items())
+    inner = [PolicyGradientLoss(policy, b) for b in batches[:-1]]
+    phi = {k: v.detach() for k, v in adapt(leaf_params(template), inner, cfg.inner.lr, False).items()}
+    fast, slow = (TRPOTask(policy, template, inner, cfg.inner.lr, batches[-1], phi) for _ in range(2))
+    slow.fast = None  # the autograd path, as for any other policy
+    return fast, slow, flatten(template).numpy()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("navigation2d", 0),
+                                          ("cartpole", 1), ("cartpole", 2), ("cartpole", 0)])
+def test_fast_products_equal_the_autograd_ones_in_float64(family, steps, activation):
+    """J^T F J v for 0 (pretrain), 1 and 2 inner steps, Gaussian and Categorical, tanh and relu;
+    the surrogate loss and KL of the line search at a candidate off theta_old."""
+    fast, slow, flat = _pair(family, activation, steps, torch.float64)
+    assert fast.fast is not None
+    if family == "cartpole":
+        assert fast.valid.mask.min() == 0, "the check covers dropped padding"
+    v = np.random.default_rng(0).standard_normal(flat.size)
+    hv = fast.hvp(flat, v)
+    assert np.linalg.norm(hv) > 1e-3
+    assert _rel(hv, slow.hvp(flat, v)) < 1e-10
+    candidate = flat + 0.05 * v
+    np.testing.assert_allclose(fast.loss_kl(candidate), slow.loss_kl(candidate), rtol=1e-10, atol=1e-14)
+    # A second product after a line-search call (they share scratch buffers), on a new vector.
+    assert _rel(fast.hvp(flat, hv), slow.hvp(flat, hv)) < 1e-10
+    np.testing.assert_array_equal(fast.hvp(flat, v), hv)
+
+
+@pytest.mark.parametrize("family", ["navigation2d", "cartpole"])
+def test_fast_products_in_float32_are_within_rounding_of_the_autograd_ones(family):
+    fast, slow, flat = _pair(family, "tanh", 1, torch.float32)
+    v = np.random.default_rng(1).standard_normal(flat.size).astype(np.float32)
+    assert _rel(fast.hvp(flat, v), slow.hvp(flat, v)) < 1e-5
+    # The surrogate loss is a mean of terms of size one that nearly cancel: an absolute bound.
+    np.testing.assert_allclose(fast.loss_kl(flat + 0.05 * v), slow.loss_kl(flat + 0.05 * v), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,algorithm,steps", [("navigation2d", "maml", 1), ("navigation2d", "maml", 2),
+                                                    ("cartpole", "maml", 1), ("navigation2d", "pretrain", 1)])
+def test_the_worker_takes_the_fast_path_for_the_built_in_policy(family, algorithm, steps):
+    """The configs of test_gradients' finite-difference check of the worker's product: it runs this
+    path. A worker's tasks share their scratch buffers: requests about them interleave freely."""
+    cfg = validate({"algorithm": algorithm, "seed": 1, "task": {"family": family},
+                    "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4, "steps": steps},
+                    "rollout": {"horizon": 10}, "outer": {"optimizer": "trpo"}})
+    worker = TaskWorker(cfg)
+    flat = flatten(worker.template).numpy()
+    tasks = worker.family.sample_tasks(2, np.random.default_rng(0))
+    worker.run_tasks(flat, [(i, task, np.random.SeedSequence(5 + i)) for i, task in enumerate(tasks)], iteration=0)
+    assert all(worker._kept[(0, i)].fast is not None for i in range(2))
+    v = np.random.default_rng(2).standard_normal(flat.size).astype(np.float32)
+    first = worker.answer(0, 0, "hvp", flat, v)
+    other = worker.answer(0, 1, "hvp", flat, v), worker.answer(0, 1, "loss_kl", flat + 0.1 * v)
+    np.testing.assert_array_equal(worker.answer(0, 0, "hvp", flat, v), first)
+    assert not np.allclose(other[0], first)
+
+
+class EntropyMAML(MAML):
+    """A user's inner loss: the hand-written products do not know it."""
+
+    def inner_loss(self, params, episodes):
+        entropy = masked_mean(self.policy.dist(episodes.obs, params).entropy(), episodes.mask)
+        return pg_loss(self.policy, params, episodes) - 0.05 * entropy
+
+
+class WidePolicy(Policy):
+    """A user's policy class: its forward may be anything."""
+
+
+def test_other_inner_losses_and_policies_take_the_autograd_path():
+    cfg = validate({"algorithm": "tests.test_trpo_products:EntropyMAML", "seed": 1,
+                    "task": {"family": "navigation2d"}, "policy": {"hidden_sizes": [8]},
+                    "inner": {"episodes": 2}, "rollout": {"horizon": 5}, "outer": {"optimizer": "trpo"}})
+    worker = TaskWorker(cfg)
+    flat = flatten(worker.template).numpy()
+    worker.run_tasks(flat, [(0, worker.family.sample_tasks(1, np.random.default_rng(0))[0],
+                             np.random.SeedSequence(5))], iteration=0)
+    kept = worker._kept[(0, 0)]
+    assert kept.fast is None
+    assert np.isfinite(worker.answer(0, 0, "hvp", flat, np.ones_like(flat))).all()
+
+    policy = WidePolicy(worker.spec, [8])
+    params = policy.params()
+    inner = [PolicyGradientLoss(policy, kept.valid)]
+    assert TRPOTask(policy, params, inner, 0.1, kept.valid, params).fast is None
