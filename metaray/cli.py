@@ -499,6 +499,8 @@ def bench(
         raise _fail(f"--warmup ({warmup}) must be below --iterations ({iterations})", 2)
     if from_json is not None and readme is None:
         raise _fail("--from renders into a README: give --readme too", 2)
+    if readme is not None and from_json is None and output.resolve() == readme.resolve():
+        raise _fail(f"--output and --readme are the same file ({readme}): the JSON would replace the README", 2)
     text = None
     if readme is not None:  # checked before minutes of measuring, rechecked before writing
         try:
@@ -507,8 +509,12 @@ def bench(
             raise _fail(f"--readme {readme}: {one_line(err)}", 2) from None
     if from_json is not None:
         try:
+            if from_json.stat().st_size > 16 * 2**20:
+                raise ValueError("larger than 16 MiB; a bench.json is a few kB")
             result = json.loads(from_json.read_text(encoding="utf-8"))
             block = performance_markdown(result if isinstance(result, dict) else {})
+        except RecursionError:
+            raise _fail(f"--from {from_json}: nested too deeply to be a bench.json", 2) from None
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise _fail(f"--from {from_json}: {one_line(err)}", 2) from None
     else:

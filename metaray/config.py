@@ -73,8 +73,9 @@ class PolicyConfig(_Section):
     output_gain: float | None = Field(None, ge=0, le=10)
     """Gain of the output layer's initial weights, 0 to 10; None: the init's own (xavier 1,
     orthogonal 0.01: near-zero first means, so a Gaussian policy starts centred in its action range)."""
-    init_log_std: float = Field(0.0, ge=-20, le=5)
-    """Initial log standard deviation of Gaussian policies (continuous actions), -20 to 5."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of Gaussian policies (continuous actions); any finite value
+    (unbounded as it always was, so earlier run directories still validate)."""
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -21,6 +21,20 @@ def _readme(path: Path, block: str = "stale figures") -> Path:
     return path
 
 
+def _complete(settings: object = None, huge: bool = False) -> str:
+    """A bench.json shaped like a real one but for one hostile field."""
+    from metaray.bench.markdown import performance_markdown
+
+    figures = {"limit_steps_per_s": "HUGE" if huge else 1.0, "rollout_steps_per_s": 1.0,
+               "rollout_vs_limit": 1.0, "parallel_episodes": 20}
+    bench = {"machine": {"processor": "x", "cpus": 2, "memory_gib": 1, "torch": "t", "ray": "r", "platform": "p"},
+             "settings": {} if settings is None else settings, "rollout": {"navigation2d": figures}}
+    if settings is None and not huge:  # the shape is right so far: it fails further on, as "missing"
+        with pytest.raises(ValueError, match="missing"):
+            performance_markdown(bench)
+    return json.dumps(bench).replace('"HUGE"', "1" + "0" * 400)  # an integer no float can hold
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     """The CLI for the commands that measure nothing: see tests/forked_cli.py."""
@@ -85,7 +99,9 @@ def test_bench_refusals_are_one_line_and_touch_nothing(tmp_path, cli):
     """A bad bench.json (not JSON, not an object, incomplete), a README without markers (refused
     before minutes of measuring), --from without --readme: exit 2, one line, nothing written."""
     readmes, jsons = [], []
-    for i, content in enumerate(("{not json", "[1, 2]", '{"machine": {}}')):
+    deep = "[" * 100_000 + "]" * 100_000
+    for i, content in enumerate(("{not json", "[1, 2]", '{"machine": {}}', _complete(settings=[]), deep,
+                                 _complete(huge=True))):
         (tmp_path / f"{i}.json").write_text(content)
         jsons.append(tmp_path / f"{i}.json")
         readmes.append(_readme(tmp_path / f"README{i}.md"))
@@ -93,12 +109,18 @@ def test_bench_refusals_are_one_line_and_touch_nothing(tmp_path, cli):
     bare = tmp_path / "bare.md"
     bare.write_text("# no markers here\n")
     out = tmp_path / "bench.json"
+    same = _readme(tmp_path / "same.md")
     procs = cli(*[("bench", "--from", str(j), "--readme", str(r)) for j, r in zip(jsons, readmes)],
-                ("bench", "--output", str(out), "--readme", str(bare)), ("bench", "--from", str(jsons[0])))
-    for proc, why in zip(procs, ("Expecting", "missing", "missing", "bench markers", "give --readme")):
+                ("bench", "--output", str(out), "--readme", str(bare)), ("bench", "--from", str(jsons[0])),
+                ("bench", "--output", str(same), "--readme", str(same)))
+    whys = ("Expecting", "missing", "missing", "malformed", "nested too deeply", "malformed", "bench markers",
+            "give --readme", "the same file")
+    assert len(procs) == len(whys)
+    for proc, why in zip(procs, whys):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and why in proc.stderr, proc.stderr
     assert [r.read_bytes() for r in readmes] == before and bare.read_text() == "# no markers here\n"
+    assert same.read_text(encoding="utf-8").startswith(PROSE_BEFORE)
     assert not out.exists()
 
 

@@ -126,3 +126,17 @@ def test_other_inner_losses_and_policies_take_the_autograd_path():
     params = policy.params()
     inner = [PolicyGradientLoss(policy, kept.valid)]
     assert TRPOTask(policy, params, inner, 0.1, kept.valid, params).fast is None
+
+
+def test_scratch_holds_one_buffer_per_name_at_the_largest_size():
+    """Batches' row counts vary with where episodes end: the scratch must not keep one buffer per
+    count (a long Ant run would grow a worker by gigabytes)."""
+    from metaray.algorithms.curvature import Scratch
+
+    scratch = Scratch()
+    for rows in [*range(10, 200, 7), 50, 3]:
+        a = scratch("a0", (rows, 64), torch.float32)
+        assert a.shape == (rows, 64) and a.is_contiguous()
+        a.fill_(rows)  # writable, and the view of the one buffer
+    assert len(scratch.buffers) == 1
+    assert next(iter(scratch.buffers.values())).shape == (199 - (199 - 10) % 7, 64)

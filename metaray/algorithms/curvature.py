@@ -54,19 +54,22 @@ def supports(policy: nn.Module) -> bool:
 
 
 class Scratch:
-    """Buffers reused from call to call, by name and shape, for results used only within a call.
-    A fresh [2000, 64] float32 tensor costs about what the arithmetic on it costs: blocks that size
-    go back to the OS when freed, and each new one is page-faulted in again (measured: the
-    products 2-3x slower with fresh tensors)."""
+    """Buffers reused from call to call, by name and trailing shape, for results used only within
+    a call. A fresh [2000, 64] float32 tensor costs about what the arithmetic on it costs: blocks
+    that size go back to the OS when freed, and each new one is page-faulted in again (measured:
+    the products 2-3x slower with fresh tensors). The leading dimension (a batch's rows, which
+    vary with where episodes end) is served as a view of one buffer kept at the largest size
+    asked for, so the memory held is bounded by the largest batch, not by how many sizes occur."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (name, tuple(shape), dtype)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(shape, dtype=dtype)
-        return self.buffers[key]
+        key = (name, tuple(shape[1:]), dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape[0] < shape[0]:
+            buffer = self.buffers[key] = torch.empty(tuple(shape), dtype=dtype)
+        return buffer[: shape[0]]
 
 
 def _out(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:

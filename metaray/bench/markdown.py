@@ -102,7 +102,7 @@ def _scaling(b: dict[str, Any]) -> list[str]:
               f"{1e3 * fit['a_s']:.1f} ms + {1e6 * fit['b_s_per_task']:.1f} µs per task + "
               f"{1e3 * fit['c_s_per_worker']:.2f} ms per worker (R² {fit['r2']:.3f}, largest residual "
               f"{1e3 * fit['max_abs_residual']:.1f} ms): at the measured {1e3 * per_task:.1f} ms of worker time per "
-              f"task, one learner keeps about {feeds:.0f} workers busy.", "",
+              + (f"task, one learner keeps about {feeds:.0f} workers busy." if feeds else "task."), "",
               f"The learner's memory during an iteration grows from {heap[small] / 1e6:.2f} MB (meta-batch {small}) to "
               f"{heap[large] / 1e6:.2f} MB (meta-batch {large}) of Python heap: {mem['peak_bytes_per_task']:.0f} bytes "
               f"per task over a constant {mem['peak_bytes_constant'] / 1e6:.2f} MB (Ray's own), of which "
@@ -130,7 +130,7 @@ def performance_markdown(bench: dict[str, Any]) -> str:
                 "not absolute speeds, across machines."
                 + (" **Quick run: tiny budgets, figures meaningless.**" if bench["settings"].get("quick") else ""))
         blocks = [[head], _sampling(bench), _products(bench), _training(bench), _scaling(bench), _tables(bench)]
-    except (KeyError, TypeError, IndexError) as err:
+    except (KeyError, TypeError, IndexError, AttributeError, ArithmeticError) as err:
         raise ValueError(f"not a complete metaray bench.json: missing or malformed {err}") from None
     return "\n\n".join("\n".join(block) for block in blocks)
 

@@ -627,7 +627,7 @@ def learner_scaling(config: Config, meta_batches: Sequence[int] = (20, 200, 2000
             # How many workers one learner keeps busy before its own CPU is the bottleneck, with these
             # cheapest of tasks: a worker's wall time per task over the learner's process CPU per task.
             "worker_wall_per_task_s": per_task,
-            "workers_one_learner_can_feed": per_task / fits["process_cpu_s"]["b_s_per_task"],
+            "workers_one_learner_can_feed": per_task / b if (b := fits["process_cpu_s"]["b_s_per_task"]) > 0 else None,
             "memory": _memory_summary(memory, meta_batches, worker_counts[0])}
 
 
