@@ -1,8 +1,8 @@
 """Collect batches of episodes, several tasks stepped together.
 
 All episodes of all the tasks step in one time loop; the tasks of a fixed group share one
-policy forward per time step. Episodes are stored time-major and padded to the horizon,
-with a mask.
+policy forward per time step. Episodes are stored time-major, a batch padded to its
+longest episode (at most the horizon), with a mask.
 """
 
 from __future__ import annotations
