@@ -2,8 +2,9 @@
 
 Each iteration it puts the meta-parameters into the object store once, hands the tasks to
 the worker pool in whole groups, and folds the results into a running sum as they arrive,
-strictly in task-index order: the update never depends on which worker finished first or
-which worker died, and memory stays O(parameters). Results with NaN or inf are rejected,
+strictly in group order, each group's sum added in task order on its worker: the update
+never depends on which worker finished first or which worker died, and what waits to be
+folded is one vector per group (the sum itself is O(parameters)). Results with NaN or inf are rejected,
 never applied. The outer step is the algorithm's learner half; its requests go to the
 workers that keep each task's episodes.
 """
@@ -19,8 +20,9 @@ import torch
 
 from metaray.algorithms.base import resolve_algorithm
 from metaray.config import Config
-from metaray.core.task_worker import LostTaskStateError, TaskResult
+from metaray.core.task_worker import LostTaskStateError
 from metaray.runtime.pool import LOST, WorkerPool
+from metaray.runtime.worker import GroupResult
 from metaray.tasks import Task
 
 
@@ -121,29 +123,29 @@ class Learner:
                 attempt: int) -> tuple[torch.Tensor, list[dict[str, Any]], dict[int, int]]:
         total = torch.zeros_like(self.params)
         rows: list[dict[str, Any]] = []
-        pending: dict[int, TaskResult] = {}
+        pending: dict[int, GroupResult] = {}
         holders: dict[int, int] = {}
+        folded = 0  # groups added to the total so far
 
-        def on_result(index: int, worker: int, result: TaskResult) -> None:
-            nonlocal total
-            holders[index] = worker
-            pending[index] = result
-            while len(rows) in pending:  # fold the contiguous prefix: a fixed summation order
-                r = pending.pop(len(rows))
-                vector = torch.tensor(r.vector)
-                finite = bool(torch.isfinite(vector).all())
-                if finite:
-                    total += vector
-                rows.append({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
+        def on_result(worker: int, result: GroupResult) -> None:
+            nonlocal total, folded
+            holders.update(dict.fromkeys((r.task_index for r in result.results), worker))
+            pending[result.group] = result
+            while folded in pending:  # fold the contiguous prefix of groups: a fixed summation order
+                group = pending.pop(folded)
+                folded += 1
+                total += torch.from_numpy(group.total)
+                rows.extend({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
                              "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
-                             "metric_env_steps": r.metric_env_steps, "rejected": not finite,
-                             "pre_success": r.pre_success, "post_success": r.post_success, **r.timings})
+                             "metric_env_steps": r.metric_env_steps, "rejected": r.rejected,
+                             "pre_success": r.pre_success, "post_success": r.post_success, **r.timings}
+                            for r in group.results)
 
         _, calls = self._chunks(len(tasks))
         self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in calls[c]],
                                                       attempt),
                       list(range(len(calls))),
-                      lambda _, w, results: [on_result(r.task_index, w, r) for r in results])
+                      lambda _, w, results: [on_result(w, r) for r in results])
         return total, rows, holders
 
     def ask_holders(self, outer: _Outer, request: str, *args: Any) -> list[Any]:

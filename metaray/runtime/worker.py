@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,35 @@ from metaray.config import Config
 from metaray.core import seeding
 from metaray.core.task_worker import TaskResult, TaskWorker
 from metaray.tasks import Task
+
+
+@dataclass
+class GroupResult:
+    """One fixed task group's part of an iteration: the sum of its tasks' finite vectors, added in
+    task order, and the tasks' results with their vectors dropped. The learner adds the groups'
+    sums in group order, so the update is the same for any worker count (a group never spans
+    workers), and what waits in the learner to be folded is one vector per group, not per task."""
+
+    group: int
+    total: np.ndarray  # float32 [parameters]
+    results: list[TaskResult]
+
+
+def group_results(results: list[TaskResult], group_size: int) -> list[GroupResult]:
+    """Results (in task order, whole groups) as their groups' in-order sums."""
+    out: list[GroupResult] = []
+    for r in results:
+        group = r.task_index // group_size
+        if not out or out[-1].group != group:
+            out.append(GroupResult(group, np.zeros_like(r.vector), []))
+        vector = torch.from_numpy(r.vector)
+        r.rejected = not bool(torch.isfinite(vector).all())
+        if not r.rejected:
+            total = torch.from_numpy(out[-1].total)
+            total += vector
+        r.vector = r.vector[:0]
+        out[-1].results.append(r)
+    return out
 
 
 class Worker:
@@ -32,14 +62,14 @@ class Worker:
         self.node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
 
     def run_tasks(self, flat_params: np.ndarray, iteration: int, tasks: list[tuple[int, Task]],
-                  attempt: int = 0) -> list[TaskResult]:
-        """Run (task index, task) pairs of an iteration together; one result each, in task order."""
+                  attempt: int = 0) -> list[GroupResult]:
+        """Run (task index, task) pairs of an iteration together (whole groups); one sum per group."""
         seed = self.config.seed
         jobs = [(i, task, seeding.train_episode_seed(seed, iteration, i, attempt)) for i, task in tasks]
         results = self.runner.run_tasks(flat_params, jobs, iteration)
         for result in results:
             result.worker = f"worker-{self.index}@{self.node}"
-        return results
+        return group_results(results, self.config.rollout.task_group_size)
 
     def answer(self, iteration: int, task_indices: list[int], request: str, *args: np.ndarray) -> list[Any]:
         return [self.runner.answer(iteration, i, request, *args) for i in task_indices]
