@@ -622,7 +622,7 @@ def learner_scaling(config: Config, meta_batches: Sequence[int] = (20, 200, 2000
     fits = {key: fit_cost(points, key) for key in ("thread_cpu_s", "process_cpu_s", "fold_cpu_s")}
     one = next(p for p in points if p["meta_batch"] == meta_batches[-1] and p["workers"] == worker_counts[0])
     per_task = one["gather_s"] * worker_counts[0] / meta_batches[-1]
-    return {"parameters": int(flat.size), "repeats": repeats,
+    return {"parameters": int(flat.size), "repeats": repeats, "task_group_size": config.rollout.task_group_size,
             "worker_nodes": sorted(p["node"] for p in placed), "points": points, "fit": fits,
             # How many workers one learner keeps busy before its own CPU is the bottleneck, with these
             # cheapest of tasks: a worker's wall time per task over the learner's process CPU per task.
@@ -720,22 +720,16 @@ def _memory_explanation(learner: dict[str, Any], config: Config) -> str:
         return "flat: the learner's peak does not grow with the meta-batch"
     per_task, rows, const = mem["peak_bytes_per_task"], mem["row_bytes_per_task"], mem["peak_bytes_constant"]
     result = per_task - rows
+    size = learner.get("task_group_size", 5)
     return (
         f"not flat: the Python heap's peak grows by {per_task:.0f} bytes per task ({learner['parameters']} "
         f"parameters) over a constant {const / 1e6:.1f} MB (Ray's: one ray.get of even a small result allocates "
         f"about 1 MB for a moment). {rows:.0f} bytes a task are its row, kept for tasks.parquet (O(meta-batch) by "
-        f"design); {result:.0f} are its TaskResult: with batch_tasks each worker's share comes back as one list, and "
-        "a call that arrives before an earlier one waits whole in the fold's pending dict, so every result's vector "
-        "and metrics are alive at once at the peak (a vector deserialised from the object store lives in shared "
-        "memory, which RSS counts and tracemalloc does not). The running sum itself is O(parameters). With the "
-        f"navigation2d-maml policy ({paper} parameters, {4 * paper} bytes a vector) that is about "
-        f"{(result + 4 * paper) * 2000 / 1e6:.0f} MB of results at meta-batch 2,000. Fix: workers return, per "
-        "fixed task group, the sum of its finite vectors in task order (with the per-task metrics and which were "
-        "rejected), and the learner folds the group sums in group order: the summation order is still a function "
-        "of the config alone (bit-identical for any worker count, though not to today's bits), results shrink by "
-        "task_group_size, and pending holds group sums; a worker yielding each group's sum as a streaming "
-        "generator would also bound what is in flight to the groups outstanding.")
-
+        f"design); {result:.0f} are its result's metrics, alive until the iteration's rows are built. Vectors come "
+        f"back as one in-order sum per group of {size} tasks, so with the navigation2d-maml policy ({paper} "
+        f"parameters, {4 * paper} bytes a vector) the vectors waiting at meta-batch 2,000 are about "
+        f"{4 * paper * 2000 / size / 1e6:.0f} MB, not {4 * paper * 2000 / 1e6:.0f} MB; the running sum is "
+        "O(parameters).")
 
 if __name__ == "__main__":  # the reaper (see start_reaper)
     sys.exit(reap_main(sys.argv[1:]))

@@ -134,7 +134,7 @@ class Learner:
             while folded in pending:  # fold the contiguous prefix of groups: a fixed summation order
                 group = pending.pop(folded)
                 folded += 1
-                total += torch.from_numpy(group.total)
+                total += torch.tensor(group.total)  # a copy: arrays from the object store are read-only
                 rows.extend({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
                              "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
                              "metric_env_steps": r.metric_env_steps, "rejected": r.rejected,
