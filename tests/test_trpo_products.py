@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from metaray.algorithms.adapt import adapt, leaf_params
-from metaray.algorithms.curvature import PolicyGradientLoss
-from metaray.algorithms.losses import masked_mean, pg_loss
+from metaray.algorithms.losses import PolicyGradientLoss, masked_mean, pg_loss
 from metaray.algorithms.maml import MAML
 from metaray.algorithms.trpo import TRPOTask
 from metaray.config import validate

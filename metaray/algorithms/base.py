@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from metaray.algorithms.adapt import adapt
-from metaray.algorithms.losses import pg_loss
+from metaray.algorithms.losses import PolicyGradientLoss, pg_loss
 from metaray.core.policy import Params, Policy, SpaceSpec, build_policy, unflatten
 from metaray.core.rollout import Episodes
 
@@ -110,6 +110,10 @@ class Algorithm:
         return pg_loss(self.policy, params, episodes)
 
     def inner_losses(self, batches: Sequence[Episodes]) -> list:
+        """One loss per batch. The stock loss comes as :class:`PolicyGradientLoss` values, which
+        TRPO's hand-written products recognise; an overridden ``inner_loss`` as plain closures."""
+        if type(self).inner_loss is Algorithm.inner_loss:
+            return [PolicyGradientLoss(self.policy, b) for b in batches]
         return [lambda p, b=b: self.inner_loss(p, b) for b in batches]
 
     def adapt(self, params: Params, batches: Sequence[Episodes], create_graph: bool = False) -> Params:

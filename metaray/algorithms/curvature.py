@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
-from metaray.algorithms.losses import pg_loss
 from metaray.core.policy import Params, Policy, flatten, unflatten
 from metaray.core.rollout import Episodes
 
@@ -29,18 +28,6 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (weight [out, in], bias [out
 OutputLoss = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """A loss as a function of the body's output [rows, outputs] and the log-std [rows, act_dim]
 (None for Categorical), a sum over the rows."""
-
-
-@dataclass(frozen=True, eq=False)
-class PolicyGradientLoss:
-    """``pg_loss`` on one batch, as a value that says what it is: TRPO's worker half takes the
-    hand-written path only for inner losses it recognises (a user's ``inner_loss`` may be anything)."""
-
-    policy: Policy
-    episodes: Episodes
-
-    def __call__(self, params: Params) -> torch.Tensor:
-        return pg_loss(self.policy, params, self.episodes)
 
 
 def supports(policy: nn.Module) -> bool:

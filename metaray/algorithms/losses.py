@@ -6,6 +6,8 @@ the MAML paper's reference code, so published step sizes (inner lr 0.1) carry ov
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.distributions import Distribution, kl_divergence
 
@@ -35,3 +37,15 @@ def surrogate_loss(policy: Policy, params: Params, episodes: Episodes, old_log_p
 def mean_kl(policy: Policy, params: Params, episodes: Episodes, old_dist: Distribution) -> torch.Tensor:
     """KL(old || new) averaged over the valid timesteps."""
     return masked_mean(kl_divergence(old_dist, policy.dist(episodes.obs, params)), episodes.mask)
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyGradientLoss:
+    """``pg_loss`` on one batch, as a value that says what it is: TRPO's worker half takes the
+    hand-written path only for inner losses it recognises (a user's ``inner_loss`` may be anything)."""
+
+    policy: Policy
+    episodes: Episodes
+
+    def __call__(self, params: Params) -> torch.Tensor:
+        return pg_loss(self.policy, params, self.episodes)

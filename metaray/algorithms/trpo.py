@@ -8,7 +8,7 @@ no trajectory travels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,8 +19,8 @@ from torch.distributions import Distribution
 
 from metaray.algorithms.adapt import adapt, leaf_params
 from metaray.algorithms.base import Algorithm, OuterContext
-from metaray.algorithms.curvature import MLPProducts, PolicyGradientLoss, Scratch, supports
-from metaray.algorithms.losses import mean_kl, surrogate_loss
+from metaray.algorithms.curvature import MLPProducts, Scratch, supports
+from metaray.algorithms.losses import PolicyGradientLoss, mean_kl, surrogate_loss
 from metaray.core.policy import Params, Policy, unflatten
 from metaray.core.rollout import Episodes
 
@@ -214,13 +214,6 @@ class TRPOOuter(Algorithm):
     """An algorithm whose outer optimizer may be TRPO: it keeps a :class:`TRPOTask` per task."""
 
     outer_optimizers = ("adam", "sgd", "trpo")
-
-    def inner_losses(self, batches: Sequence[Episodes]) -> list:
-        """The stock inner loss as :class:`PolicyGradientLoss` values, which TRPO's hand-written
-        products recognise; a subclass that overrides ``inner_loss`` gets plain closures (and autograd)."""
-        if type(self).inner_loss is Algorithm.inner_loss:
-            return [PolicyGradientLoss(self.policy, b) for b in batches]
-        return super().inner_losses(batches)
 
     def keep(self, inner: list[LossFn], valid: Episodes, phi: Params) -> TRPOTask | None:
         if self.config.outer.optimizer != "trpo":
