@@ -52,6 +52,9 @@ def test_quick_run_reports_every_figure(quick):
     assert all(v > 0 for v in memory["python_heap_peak_growth_bytes"].values())
     assert memory["rows_bytes"]["20"] > memory["rows_bytes"]["5"] > 0  # one row per task, kept for tasks.parquet
     assert memory["python_heap_peak_ratio_20_vs_5"] > 0 and isinstance(memory["explanation"], str)
+    assert memory["beyond_rows_bytes"] == {n: memory["python_heap_peak_growth_bytes"][n] - memory["rows_bytes"][n]
+                                           for n in ("5", "10", "20")}
+    assert memory["flat"] == (memory["beyond_rows_bytes"]["20"] < 1.5 * memory["beyond_rows_bytes"]["5"])
 
 
 def test_the_fit_reproduces_its_inputs_within_its_residuals(quick):

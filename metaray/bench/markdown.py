@@ -95,7 +95,7 @@ def _scaling(b: dict[str, Any]) -> list[str]:
     for k in sorted(t["train_steps_per_s"], key=int):
         lines.append(f"| {k} | {_n(t['train_steps_per_s'][k])} | {t['speedup'][k]:.2f}x | "
                      f"{_s(t['runs'][k]['phase_s']['outer_step'])} |")
-    heap = mem["python_heap_peak_growth_bytes"]
+    heap, beyond = mem["python_heap_peak_growth_bytes"], mem["beyond_rows_bytes"]
     small, large = min(heap, key=int), max(heap, key=int)
     lines += ["", f"Caveat: {sc['caveats'][0]}.", "",
               f"The learner's own CPU per iteration (`scaling.learner.fit`, {sc['settings']['learner']}): "
@@ -103,11 +103,14 @@ def _scaling(b: dict[str, Any]) -> list[str]:
               f"{1e3 * fit['c_s_per_worker']:.2f} ms per worker (R² {fit['r2']:.3f}, largest residual "
               f"{1e3 * fit['max_abs_residual']:.1f} ms): at the measured {1e3 * per_task:.1f} ms of worker time per "
               + (f"task, one learner keeps about {feeds:.0f} workers busy." if feeds else "task."), "",
-              f"The learner's memory during an iteration grows from {heap[small] / 1e6:.2f} MB (meta-batch {small}) to "
-              f"{heap[large] / 1e6:.2f} MB (meta-batch {large}) of Python heap: {mem['peak_bytes_per_task']:.0f} bytes "
-              f"per task over a constant {mem['peak_bytes_constant'] / 1e6:.2f} MB (Ray's own), of which "
-              f"{mem['row_bytes_per_task']:.0f} are the task's row kept for `tasks.parquet` and the rest its result "
-              "waiting to be folded; the running sum itself is O(parameters)."]
+              f"The learner's memory during an iteration (`scaling.learner.memory`): the Python heap's peak is "
+              f"{heap[small] / 1e6:.2f} MB at meta-batch {small} and {heap[large] / 1e6:.2f} MB at {large}. Of the "
+              f"growth, {mem['row_bytes_per_task']:.0f} bytes per task are the rows the step returns for "
+              f"`tasks.parquet` (O(meta-batch) by design); beyond them the peak is "
+              f"{beyond[small] / 1e6:.2f} MB and {beyond[large] / 1e6:.2f} MB "
+              f"({'flat' if mem['flat'] else 'not flat'}: {mem['beyond_rows_bytes_per_task']:.0f} bytes per task). "
+              "Workers return one in-order sum per task group, so one vector per group can wait to be folded, and "
+              "the running sum is O(parameters)."]
     return lines
 
 

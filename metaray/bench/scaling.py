@@ -637,6 +637,7 @@ def _memory_summary(memory: dict[str, Any], meta_batches: Sequence[int], workers
     peak = {n: m["trace"]["peak_bytes"] for n, m in memory.items()}
     rows = {n: m["trace"]["rows_bytes"] for n, m in memory.items()}
     rss = {n: m["rss"]["peak_growth_bytes"] for n, m in memory.items()}
+    beyond = {n: peak[n] - rows[n] for n in peak}
     return {
         "workers": workers,
         "python_heap_peak_growth_bytes": peak,  # tracemalloc, started just before step()
@@ -649,7 +650,12 @@ def _memory_summary(memory: dict[str, Any], meta_batches: Sequence[int], workers
         "peak_bytes_constant": peak[lo] - (peak[hi] - peak[lo]) / tasks * int(lo),
         "row_bytes_per_task": (rows[hi] - rows[lo]) / tasks,
         "rss_bytes_per_task": (rss[hi] - rss[lo]) / tasks,
-        "flat": peak[hi] < 1.5 * peak[lo],
+        # What the learner holds beyond the rows it returns (tasks.parquet's table, O(meta-batch) by
+        # design): the fold's own memory, which must not grow with the meta-batch.
+        "beyond_rows_bytes": beyond,
+        f"beyond_rows_ratio_{hi}_vs_{lo}": beyond[hi] / max(beyond[lo], 1),
+        "beyond_rows_bytes_per_task": (beyond[hi] - beyond[lo]) / tasks,
+        "flat": beyond[hi] < 1.5 * beyond[lo],
     }
 
 
@@ -716,20 +722,21 @@ def _memory_explanation(learner: dict[str, Any], config: Config) -> str:
 
     mem = learner["memory"]
     paper = int(flatten(TaskWorker(config).template).numel())
-    if mem["flat"]:
-        return "flat: the learner's peak does not grow with the meta-batch"
-    per_task, rows, const = mem["peak_bytes_per_task"], mem["row_bytes_per_task"], mem["peak_bytes_constant"]
-    result = per_task - rows
-    size = learner.get("task_group_size", 5)
+    size = learner.get("task_group_size", config.rollout.task_group_size)
+    beyond = mem["beyond_rows_bytes"]
+    lo, hi = min(beyond, key=int), max(beyond, key=int)
+    verdict = "flat" if mem["flat"] else "not flat"
     return (
-        f"not flat: the Python heap's peak grows by {per_task:.0f} bytes per task ({learner['parameters']} "
-        f"parameters) over a constant {const / 1e6:.1f} MB (Ray's: one ray.get of even a small result allocates "
-        f"about 1 MB for a moment). {rows:.0f} bytes a task are its row, kept for tasks.parquet (O(meta-batch) by "
-        f"design); {result:.0f} are its result's metrics, alive until the iteration's rows are built. Vectors come "
-        f"back as one in-order sum per group of {size} tasks, so with the navigation2d-maml policy ({paper} "
-        f"parameters, {4 * paper} bytes a vector) the vectors waiting at meta-batch 2,000 are about "
-        f"{4 * paper * 2000 / size / 1e6:.0f} MB, not {4 * paper * 2000 / 1e6:.0f} MB; the running sum is "
-        "O(parameters).")
+        f"{verdict} beyond the rows: the Python heap's peak is {beyond[lo] / 1e6:.2f} MB at meta-batch {lo} and "
+        f"{beyond[hi] / 1e6:.2f} MB at {hi} once the rows the step returns are left out "
+        f"({mem['beyond_rows_bytes_per_task']:.0f} bytes per task; most of the constant is Ray's: one ray.get of even "
+        f"a small result allocates about 1 MB for a moment). The rows ({mem['row_bytes_per_task']:.0f} bytes a task, "
+        "tasks.parquet's table) are O(meta-batch) by design; they are the objects the workers sent, not copies. "
+        f"Vectors come back as one in-order sum per group of {size} tasks, so what can wait to be folded is one "
+        f"vector per group: with the navigation2d-maml policy ({paper} parameters) at most "
+        f"{4 * paper * 2000 / size / 1e6:.1f} MB at meta-batch 2,000, where per-task vectors would be "
+        f"{4 * paper * 2000 / 1e6:.1f} MB; the running sum is O(parameters).")
+
 
 if __name__ == "__main__":  # the reaper (see start_reaper)
     sys.exit(reap_main(sys.argv[1:]))

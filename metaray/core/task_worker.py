@@ -60,7 +60,6 @@ class TaskResult:
     worker: str = ""
     pre_success: float = float("nan")  # success rate of the pre-adaptation episodes (NaN: the env reports none)
     post_success: float = float("nan")  # the same after adaptation (NaN also when not sampled)
-    rejected: bool = False  # the vector held NaN or inf (set where it is summed; never applied)
 
 
 class Batch:

@@ -129,17 +129,13 @@ class Learner:
 
         def on_result(worker: int, result: GroupResult) -> None:
             nonlocal total, folded
-            holders.update(dict.fromkeys((r.task_index for r in result.results), worker))
+            holders.update(dict.fromkeys((r["task_index"] for r in result.rows), worker))
             pending[result.group] = result
             while folded in pending:  # fold the contiguous prefix of groups: a fixed summation order
                 group = pending.pop(folded)
                 folded += 1
                 total += torch.tensor(group.total)  # a copy: arrays from the object store are read-only
-                rows.extend({"task_index": r.task_index, "worker": r.worker, "pre_return": r.pre_return,
-                             "post_return": r.post_return, "outer_loss": r.outer_loss, "env_steps": r.env_steps,
-                             "metric_env_steps": r.metric_env_steps, "rejected": r.rejected,
-                             "pre_success": r.pre_success, "post_success": r.post_success, **r.timings}
-                            for r in group.results)
+                rows.extend(group.rows)
 
         _, calls = self._chunks(len(tasks))
         self.pool.map(lambda w, c: w.run_tasks.remote(params_ref, iteration, [(i, tasks[i]) for i in calls[c]],

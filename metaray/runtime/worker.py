@@ -25,29 +25,37 @@ from metaray.tasks import Task
 @dataclass
 class GroupResult:
     """One fixed task group's part of an iteration: the sum of its tasks' finite vectors, added in
-    task order, and the tasks' results with their vectors dropped. The learner adds the groups'
-    sums in group order, so the update is the same for any worker count (a group never spans
-    workers), and what waits in the learner to be folded is one vector per group, not per task."""
+    task order, and one row per task (tasks.parquet's). The learner adds the groups' sums in
+    group order, so the update is the same for any worker count (a group never spans workers);
+    what waits in the learner to be folded is one vector per group, and the rows it returns are
+    the very objects that arrived, so its memory beyond those rows does not grow with the tasks."""
 
     group: int
     total: np.ndarray  # float32 [parameters]
-    results: list[TaskResult]
+    rows: list[dict[str, Any]]
+
+
+def task_row(result: TaskResult, rejected: bool) -> dict[str, Any]:
+    """A task's row of tasks.parquet: its returns, losses, steps and timings; never its vector."""
+    return {"task_index": result.task_index, "worker": result.worker, "pre_return": result.pre_return,
+            "post_return": result.post_return, "outer_loss": result.outer_loss, "env_steps": result.env_steps,
+            "metric_env_steps": result.metric_env_steps, "rejected": rejected,
+            "pre_success": result.pre_success, "post_success": result.post_success, **result.timings}
 
 
 def group_results(results: list[TaskResult], group_size: int) -> list[GroupResult]:
-    """Results (in task order, whole groups) as their groups' in-order sums."""
+    """Results (in task order, whole groups) as their groups' in-order sums and rows; a vector with
+    NaN or inf is left out of its sum and its row says ``rejected``."""
     out: list[GroupResult] = []
     for r in results:
         group = r.task_index // group_size
         if not out or out[-1].group != group:
             out.append(GroupResult(group, np.zeros_like(r.vector), []))
         vector = torch.from_numpy(r.vector)
-        r.rejected = not bool(torch.isfinite(vector).all())
-        if not r.rejected:
-            total = torch.from_numpy(out[-1].total)
-            total += vector
-        r.vector = r.vector[:0]
-        out[-1].results.append(r)
+        finite = bool(torch.isfinite(vector).all())
+        if finite:
+            torch.from_numpy(out[-1].total).add_(vector)
+        out[-1].rows.append(task_row(r, rejected=not finite))
     return out
 
 
