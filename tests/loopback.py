@@ -5,7 +5,7 @@ signals exactly the processes it started (its descendants and its process group)
 anything else on the machine.
 
 The nodes live no longer than the process that started them: a cluster's first node starts
-a reaper (tests/loopback_reaper.py) that holds a pipe from this process and, once the pipe
+a reaper (metaray/bench/reaper.py) that holds a pipe from this process and, once the pipe
 closes (this process exited, however: SIGTERM, SIGKILL, ...), stops whatever the nodes left.
 """
 
@@ -21,8 +21,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metaray.bench.reaper import alive, register, release, start_reaper
+
 RAY = str(Path(sys.executable).with_name("ray"))
-REAPER = Path(__file__).with_name("loopback_reaper.py")
 # In every node's environment, which Ray hands on to what it starts: how the reaper knows a cluster's processes.
 MARKER_VAR = "METARAY_LOOPBACK_CLUSTER"
 # Node loss is detected in ~5 s: fast enough for the node-loss test, slow enough that a raylet
@@ -70,14 +71,6 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             stack.append(child)
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def process_name(pid: int) -> str:
@@ -170,8 +163,7 @@ class LoopbackCluster:
         proc = subprocess.Popen([RAY, "start", "--block", f"--node-ip-address={ip}", *args], cwd=self.temp_dir,
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         # Should this process die before these lines, the reaper still finds the node by its marker.
-        reaper.stdin.write(f"node {proc.pid}\n".encode())
-        reaper.stdin.flush()
+        register(reaper, proc.pid)
         node = Node(ip, proc, log)
         self.nodes.append(node)
         return node
@@ -217,26 +209,14 @@ class LoopbackCluster:
         """The cluster's reaper, started with its first node: in a session of its own, so that a signal
         to this process's group leaves it to do its work; only this process holds its stdin's write end."""
         if self.reaper is None or self.reaper.poll() is not None:
-            with (self.temp_dir / "reaper.log").open("a") as log:
-                self.reaper = subprocess.Popen(
-                    [sys.executable, str(REAPER), self.marker, str(os.getpid()), str(self.reaper_grace_s),
-                     *([str(self.temp_dir)] if self.remove_temp_dir else [])],
-                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.reaper = start_reaper(self.marker, self.temp_dir / "reaper.log", self.reaper_grace_s,
+                                       self.temp_dir if self.remove_temp_dir else None)
         return self.reaper
 
     def release_reaper(self, timeout: float = 60) -> None:
         """Close the reaper's pipe: it stops what the nodes left behind, if anything, and exits."""
-        if self.reaper is None:
-            return
-        try:
-            self.reaper.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.reaper.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.reaper.kill()
-            self.reaper.wait(timeout=10)
+        if self.reaper is not None:
+            release(self.reaper, timeout)
 
     def start_head(self, params: dict[str, str], object_store_bytes: int = 100 * 1024**2) -> Node:
         self.gcs_port = free_port(self.head_ip)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,12 +12,13 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from metaray.bench.reaper import alive, cluster_processes, register, release, start_reaper
 from tests.conftest import ROOT
-from tests.loopback import alive
 
 # A head node alone, on an address no other test uses; the process prints what the node runs, then waits.
 OWNER = textwrap.dedent("""
@@ -91,6 +93,42 @@ def test_nodes_die_with_the_process_that_started_them(sig):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_reaper_stops_its_nodes_and_removes_its_temp_dir(tmp_path):
+    """The reaper as LoopbackCluster runs it (``python -I``, a grace period and a temp dir): once its pipe
+    closes it stops a registered stand-in node and what it started, says so, and removes the temp dir."""
+    marker = f"METARAY_LOOPBACK_CLUSTER={uuid.uuid4().hex}"
+    temp_dir = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))
+    reaper = start_reaper(marker, tmp_path / "reaper.log", 0.5, temp_dir)
+    name, value = marker.split("=", 1)
+    # a stand-in for `ray start --block`: the leader of a session of its own, with a child
+    node = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300"], start_new_session=True,
+                            env={**os.environ, name: value})
+    try:
+        register(reaper, node.pid)
+        deadline = time.monotonic() + 20
+        while len(cluster_processes(marker, set(), set())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.pid in cluster_processes(marker, set(), set())
+        release(reaper, timeout=30)
+        node.wait(timeout=10)
+        log = (tmp_path / "reaper.log").read_text()
+        summary = rf"reaper \(pipe closed\): stopped [2-9] process\(es\) of nodes \[{node.pid}\]"
+        assert reaper.returncode == 0 and re.search(summary, log), log
+        assert not cluster_processes(marker, set(), set()) and not alive(reaper.pid), log
+        assert not temp_dir.exists(), log
+    finally:  # whatever is left (this test failing) is stopped here by PID
+        for pid in cluster_processes(marker, set(), set()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if reaper.poll() is None:
+            reaper.kill()
+            reaper.wait(timeout=10)
+        node.wait(timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

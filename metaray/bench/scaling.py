@@ -5,7 +5,7 @@ and the learner's memory from meta-batch 20 to 2,000.
 The cluster is three ``ray start --block`` processes on loopback addresses (127.0.0.50 the
 head, .51 and .52), one CPU each, with token authentication on (a node on any address but
 127.0.0.1 listens on every interface). They live no longer than this process: each is the
-leader of a session of its own, registered with a reaper (this module, run as a script)
+leader of a session of its own, registered with a reaper (metaray/bench/reaper.py, run as a script)
 that holds a pipe from this process and stops them once the pipe closes, however this
 process ends. Everything they started carries a marker in its environment; teardown signals
 exactly those processes (SIGTERM, then SIGKILL), by PID.
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +31,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metaray.bench.reaper import register, release, start_reaper, stop_processes
+
 if TYPE_CHECKING:
     from metaray.config import Config
 
@@ -46,129 +46,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, session id, start time) of a live process; None for a gone or zombie one."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in "ZX" else (int(fields[1]), int(fields[3]), fields[19])
-
-
-def alive(pid: int) -> bool:
-    return _stat(pid) is not None
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def cluster_processes(marker: str | None, sessions: set[int], spare: set[int]) -> dict[int, str]:
-    """PID -> start time of every live process of the cluster: the registered nodes' sessions, what
-    carries ``marker`` (NAME=VALUE) in its environment, and their descendants; ``spare`` excepted."""
-    procs = {pid: s for entry in os.listdir("/proc") if entry.isdigit() and (s := _stat(pid := int(entry)))}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    found = {pid for pid, (_, sid, _) in procs.items()
-             if sid in sessions or pid in sessions or (marker and _has_marker(pid, marker.encode()))}
-    stack = list(found)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return {pid: procs[pid][2] for pid in found - set(spare)}
-
-
-def stop_processes(marker: str | None, sessions: set[int], spare: set[int], grace_s: float = 2.0) -> list[int]:
-    """SIGTERM the cluster's processes, SIGKILL what is left after ``grace_s``; up to three SIGKILL
-    sweeps catch what a process started while it was being stopped. Each signal goes to a
-    pidfd taken while the PID still named the process found (no PID reuse can redirect it).
-    Returns every PID signalled."""
-    held: dict[int, int] = {}
-
-    def sweep(sig: int) -> None:
-        for pid, start in cluster_processes(marker, sessions, spare).items():
-            if pid in held:
-                continue
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            stat = _stat(pid)
-            if stat is None or stat[2] != start:
-                os.close(fd)
-                continue
-            held[pid] = fd
-        for fd in held.values():
-            try:
-                signal.pidfd_send_signal(fd, sig)
-            except ProcessLookupError:
-                pass
-
-    def wait(seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and any(select.select([fd], [], [], 0)[0] == [] for fd in held.values()):
-            time.sleep(0.05)
-
-    try:
-        sweep(signal.SIGTERM)
-        wait(grace_s)
-        for _ in range(3):
-            sweep(signal.SIGKILL)
-            wait(5.0)
-            if not cluster_processes(marker, sessions, spare):
-                break
-    finally:
-        for fd in held.values():
-            os.close(fd)
-    return sorted(held)
-
-
-def reap_main(argv: Sequence[str]) -> int:
-    """The reaper: ``python -I scaling.py MARKER PARENT_PID``, in a session of its own.
-
-    Reads ``node PID`` lines from stdin, whose write end only the parent holds; on end of file
-    (the parent closed it, or died, even by SIGKILL), when the parent is no longer its parent,
-    or on SIGTERM, it stops the cluster's processes and exits. Standard library only.
-    """
-    marker, parent = argv[0], int(argv[1])
-
-    class Stop(Exception):
-        pass
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise Stop
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, on_term)
-    sessions: set[int] = set()
-    pending = b""
-    try:
-        while os.getppid() == parent:
-            if not select.select([0], [], [], 0.5)[0]:
-                continue
-            chunk = os.read(0, 4096)
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
-            for words in (line.split() for line in lines):
-                if len(words) == 2 and words[0] == b"node" and words[1].isdigit():
-                    sessions.add(int(words[1]))
-    except Stop:
-        pass
-    finally:  # however the loop ended, the sweep is this process's last duty: let it finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        spare = {os.getpid(), parent} if os.getppid() == parent else {os.getpid()}
-        stop_processes(marker, sessions, spare)
-    return 0
 
 
 def _free_port(taken: set[int]) -> int:
@@ -197,34 +74,6 @@ class Node:
     @property
     def log(self) -> str:
         return f"node-{self.ip}.log"
-
-
-def start_reaper(marker: str, log: Path) -> subprocess.Popen:
-    """The reaper of the nodes this process registers with ``register``: in a session of its own, so
-    that a signal to this process's group leaves it to do its work; only this process holds its
-    stdin's write end."""
-    with log.open("a") as out:
-        return subprocess.Popen(
-            # This file alone (standard library only), not the package: no torch in the reaper.
-            [sys.executable, "-I", __file__, marker, str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def register(reaper: subprocess.Popen, pid: int) -> None:
-    assert reaper.stdin is not None
-    reaper.stdin.write(f"node {pid}\n".encode())
-    reaper.stdin.flush()
-
-
-def release(reaper: subprocess.Popen) -> None:
-    """Close the reaper's pipe: it stops whatever the nodes left, if anything, and exits."""
-    assert reaper.stdin is not None
-    reaper.stdin.close()
-    try:
-        reaper.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        reaper.kill()
-        reaper.wait(timeout=10)
 
 
 @dataclass
@@ -736,7 +585,3 @@ def _memory_explanation(learner: dict[str, Any], config: Config) -> str:
         f"vector per group: with the navigation2d-maml policy ({paper} parameters) at most "
         f"{4 * paper * 2000 / size / 1e6:.1f} MB at meta-batch 2,000, where per-task vectors would be "
         f"{4 * paper * 2000 / 1e6:.1f} MB; the running sum is O(parameters).")
-
-
-if __name__ == "__main__":  # the reaper (see start_reaper)
-    sys.exit(reap_main(sys.argv[1:]))
