@@ -5,7 +5,7 @@ signals exactly the processes it started (its descendants and its process group)
 anything else on the machine.
 
 The nodes live no longer than the process that started them: a cluster's first node starts
-a reaper (metaray/bench/reaper.py) that holds a pipe from this process and, once the pipe
+a reaper (metaray/runtime/reaper.py) that holds a pipe from this process and, once the pipe
 closes (this process exited, however: SIGTERM, SIGKILL, ...), stops whatever the nodes left.
 """
 
@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metaray.bench.reaper import alive, register, release, start_reaper
+from metaray.runtime.reaper import alive, register, release, start_reaper
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # In every node's environment, which Ray hands on to what it starts: how the reaper knows a cluster's processes.

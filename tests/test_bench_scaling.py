@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from metaray.bench.reaper import alive, cluster_processes
 from metaray.bench.scaling import fit_cost
+from metaray.runtime.reaper import alive, cluster_processes
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_fit_recovers_a_known_model():
 
 STARTER = textwrap.dedent("""
     import os, subprocess, sys, time
-    from metaray.bench.reaper import register, start_reaper
+    from metaray.runtime.reaper import register, start_reaper
     marker, log = sys.argv[1], sys.argv[2]
     reaper = start_reaper(marker, __import__("pathlib").Path(log))
     name, value = marker.split("=", 1)

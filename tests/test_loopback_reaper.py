@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metaray.bench.reaper import alive, cluster_processes, register, release, start_reaper
+from metaray.runtime.reaper import alive, cluster_processes, register, release, start_reaper
 from tests.conftest import ROOT
 
 # A head node alone, on an address no other test uses; the process prints what the node runs, then waits.

@@ -5,7 +5,7 @@ and the learner's memory from meta-batch 20 to 2,000.
 The cluster is three ``ray start --block`` processes on loopback addresses (127.0.0.50 the
 head, .51 and .52), one CPU each, with token authentication on (a node on any address but
 127.0.0.1 listens on every interface). They live no longer than this process: each is the
-leader of a session of its own, registered with a reaper (metaray/bench/reaper.py, run as a script)
+leader of a session of its own, registered with a reaper (metaray/runtime/reaper.py, run as a script)
 that holds a pipe from this process and stops them once the pipe closes, however this
 process ends. Everything they started carries a marker in its environment; teardown signals
 exactly those processes (SIGTERM, then SIGKILL), by PID.
@@ -31,7 +31,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metaray.bench.reaper import register, release, start_reaper, stop_processes
+from metaray.runtime.reaper import register, release, start_reaper, stop_processes
 
 if TYPE_CHECKING:
     from metaray.config import Config

@@ -5,7 +5,7 @@ that started it, even one ended by SIGKILL, which runs no teardown. So that proc
 reaper first, in a session of its own (a signal to the starter's process group does not reach
 it), and registers every node with it:
 
-    python -I metaray/bench/reaper.py MARKER PARENT_PID [GRACE_S [TEMP_DIR]]
+    python -I metaray/runtime/reaper.py MARKER PARENT_PID [GRACE_S [TEMP_DIR]]
 
 It reads lines from stdin, the write end of which only the parent holds: ``node PID`` registers
 a node. On end of file (the parent closed the pipe, or died, even by SIGKILL), when PARENT_PID is
