@@ -34,6 +34,10 @@ def _sampling(b: dict[str, Any]) -> list[str]:
         lines.append(f"| {x['env']} ({name} families), {x['parallel_episodes']} parallel episodes (limit: a plain "
                      f"`mj_step` loop on one core) | {_n(x['mj_step_limit_steps_per_s'])} | "
                      f"{_n(x['rollout_steps_per_s'])} | {x['rollout_vs_limit']:.2f} | ≥ 0.7 |")
+        lines.append(f"| {x['env']}, a worker's share as training samples it: {x['worker_share_tasks']} tasks x "
+                     f"{x['parallel_episodes']} episodes, one forward per group of {x['task_group_size']} | "
+                     f"{_n(x['mj_step_limit_steps_per_s'])} | {_n(x['worker_share_steps_per_s'])} | "
+                     f"{x['worker_share_vs_limit']:.2f} | ≥ 0.7 |")
     x = r["navigation2d_rl2"]
     lines.append(f"| RL² trials, navigation2d, {x['parallel_trials']} parallel trials (against the MLP sampler above) "
                  f"| {_n(r['navigation2d']['rollout_steps_per_s'])} | {_n(x['trial_steps_per_s'])} | "

@@ -78,11 +78,11 @@ def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> dict[str, Any]:
+def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0, only: str | None = None) -> dict[str, Any]:
     """The cost of fixed sampling groups (see README, Reproducibility): one worker's share of
     ``tasks`` tasks sampled together, with every task in one policy forward per step (how
     earlier versions sampled, results depending on the share), in groups of the config's
-    ``rollout.task_group_size``, and one task per forward. No Ray."""
+    ``rollout.task_group_size``, and one task per forward (``only``: just that one). No Ray."""
     runner = TaskWorker(config)
     jobs = [(task, np.random.default_rng(i)) for i, task in
             enumerate(runner.family.sample_tasks(tasks, np.random.default_rng(0)))]
@@ -90,6 +90,8 @@ def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> di
     out: dict[str, Any] = {"tasks": tasks, "parallel_episodes": config.inner.episodes}
     sizes = {"one_forward_for_all": tasks, "task_group_size": config.rollout.task_group_size, "one_task_per_forward": 1}
     for name, size in sizes.items():
+        if only is not None and name != only:
+            continue
         steps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             batches = [Batch(env, rng, i // size) for i, (env, (_, rng)) in enumerate(zip(envs, jobs))]
@@ -97,6 +99,8 @@ def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> di
             steps += sum(b.episodes.steps for b in batches)
         out[f"{name}_steps_per_s"] = steps / (time.perf_counter() - start)
     out["task_group_size"] = config.rollout.task_group_size
+    if only is not None:
+        return out
     out["groups_vs_one_forward"] = out["task_group_size_steps_per_s"] / out["one_forward_for_all_steps_per_s"]
     return out
 
@@ -138,8 +142,14 @@ def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[s
 
     limit = mj_step_limit_steps_per_s(env_id, seconds, horizon=config.rollout.horizon)
     rollout = rollout_steps_per_s(config, seconds)
+    share = -(-config.outer.meta_batch_size // config.resources.num_workers)
+    worker = group_sampling_speed(config, share, seconds, only="task_group_size")["task_group_size_steps_per_s"]
     return {"env": env_id, "parallel_episodes": config.inner.episodes, "mj_step_limit_steps_per_s": limit,
-            "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit}
+            "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit,
+            # As training samples: a worker's share of the meta-batch stepped together, a policy
+            # forward per task group (one task alone pays a whole forward per step by itself).
+            "worker_share_tasks": share, "task_group_size": config.rollout.task_group_size,
+            "worker_share_steps_per_s": worker, "worker_share_vs_limit": worker / limit}
 
 
 def _best_s(fn: Any, repeats: int) -> float:

@@ -118,10 +118,14 @@ def collect_many(
     # One observation buffer per group, so the memory a group's forward reads (its offset,
     # hence its alignment) is a function of the group alone, never of its place in the call.
     obs_bufs = [torch.zeros(horizon, b - a, n, spec.obs_dim) for a, b in spans]
+    # The loop writes through numpy views of the buffers: a numpy item assignment costs a
+    # fraction of torch's indexing, and casts float64 to float32 the same way (nearest).
+    obs_views = [buf.numpy() for buf in obs_bufs]
     where = [(g, i - a) for g, (a, b) in enumerate(spans) for i in range(a, b)]
     outs: list[list[torch.Tensor]] = [[] for _ in spans]  # each group's outputs, one per step it was live
     act_buf = torch.zeros(horizon, tasks, n, dtype=torch.long) if spec.discrete else \
         torch.zeros(horizon, tasks, n, spec.act_dim)
+    act_view = act_buf.numpy()
     rew_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
     mask_buf = np.zeros((horizon, tasks, n), dtype=np.float32)
     obs = [spec.encode_obs(env.reset(seeds)) for env, seeds in zip(envs, env_seeds)]
@@ -131,9 +135,9 @@ def collect_many(
     std = None if spec.discrete else [p["log_std"].exp() for p in params]
     with torch.no_grad():
         for t in range(horizon):
-            obs_t = [buf[t] for buf in obs_bufs]
             for i, (g, j) in enumerate(where):
-                obs_t[g][j].copy_(torch.from_numpy(obs[i]))
+                obs_views[g][t, j] = obs[i]
+            obs_t = [buf[t] for buf in obs_bufs]
             live = alive.any(axis=1)
             out_t = []
             for g, (a, b, forward) in enumerate(forwards):
@@ -147,8 +151,8 @@ def collect_many(
                     action = torch.multinomial(torch.softmax(out, -1), 1, generator=generators[i]).squeeze(-1)
                 else:
                     action = out + std[i] * torch.randn(out.shape, generator=generators[i])
-                act_buf[t, i] = action
                 act_np = action.numpy()
+                act_view[t, i] = act_np
                 if not spec.discrete:  # np.clip's dispatch costs more than the two ufuncs; same values
                     act_np = np.minimum(np.maximum(act_np, spec.act_low), spec.act_high)
                 raw_obs, rewards, done = envs[i].step(act_np, alive[i])
