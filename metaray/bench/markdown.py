@@ -20,6 +20,11 @@ def _s(x: float) -> str:
     return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
 
 
+def _signed(x: float, digits: int) -> str:
+    """A term of a sum as prose writes it: "+ 1.5", "− 0.03" (a fit's coefficient can be negative)."""
+    return f"{'−' if x < 0 else '+'} {abs(x):.{digits}f}"
+
+
 def _sampling(b: dict[str, Any]) -> list[str]:
     r = b["rollout"]
     lines = ["| sampling (one worker, in process) | limit, env steps/s | sampler, env steps/s | sampler / limit "
@@ -103,8 +108,8 @@ def _scaling(b: dict[str, Any]) -> list[str]:
     small, large = min(heap, key=int), max(heap, key=int)
     lines += ["", f"Caveat: {sc['caveats'][0]}.", "",
               f"The learner's own CPU per iteration (`scaling.learner.fit`, {sc['settings']['learner']}): "
-              f"{1e3 * fit['a_s']:.1f} ms + {1e6 * fit['b_s_per_task']:.1f} µs per task + "
-              f"{1e3 * fit['c_s_per_worker']:.2f} ms per worker (R² {fit['r2']:.3f}, largest residual "
+              f"{1e3 * fit['a_s']:.1f} ms {_signed(1e6 * fit['b_s_per_task'], 1)} µs per task "
+              f"{_signed(1e3 * fit['c_s_per_worker'], 2)} ms per worker (R² {fit['r2']:.3f}, largest residual "
               f"{1e3 * fit['max_abs_residual']:.1f} ms): at the measured {1e3 * per_task:.1f} ms of worker time per "
               + (f"task, one learner keeps about {feeds:.0f} workers busy." if feeds else "task."), "",
               f"The learner's memory during an iteration (`scaling.learner.memory`): the Python heap's peak is "
