@@ -73,19 +73,44 @@ _arm()
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the in-process tests: 2 CPUs, small object store, loopback."""
+    """One embedded Ray for the in-process tests: 2 CPUs, small object store, loopback.
+
+    What ray.init starts (GCS, raylet, and every worker the raylet starts later) carries a
+    marker in its environment, and a reaper (metaray/runtime/reaper.py) stops whatever still
+    carries it when the session ends, however it ends: a worker whose raylet went first has
+    been seen to outlive a heavily loaded run. The marker is in this process's environment
+    only while ray.init runs, so CLI subprocesses and other clusters never carry it."""
+    import time
+    import uuid
+
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.2",
-        object_store_memory=150 * 1024**2,
-        _temp_dir=str(_TMP / "ray"),
-        logging_level="WARNING",
-    )
+    from metaray.runtime.reaper import cluster_processes, release, start_reaper
+
+    name, value = "METARAY_TEST_RAY", uuid.uuid4().hex
+    log = _TMP / "ray-reaper.log"
+    reaper = start_reaper(f"{name}={value}", log)
+    os.environ[name] = value
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.2",
+            object_store_memory=150 * 1024**2,
+            _temp_dir=str(_TMP / "ray"),
+            logging_level="WARNING",
+        )
+    finally:
+        del os.environ[name]
     yield ray
     ray.shutdown()
+    deadline = time.monotonic() + 10  # what shutdown stopped may take a moment to exit: not a finding
+    while cluster_processes(f"{name}={value}", set(), {os.getpid()}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    release(reaper)
+    stopped = log.read_text().strip() if log.exists() else ""
+    if stopped and " stopped 0 " not in stopped:  # say so: what Ray left behind is a finding
+        print(f"\nembedded Ray: {stopped}", file=sys.__stderr__)
 
 
 @pytest.fixture(scope="session")

@@ -41,24 +41,26 @@ def _evaluated(algorithm: str, optimizer: str, family: str) -> bool:
 
 @pytest.fixture(scope="module")
 def smoke_runs(ray_address, tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Any, Any]]:
-    """Every case trained (then evaluated, where _evaluated says), two runs at a time on the
-    session's Ray, each with 2 workers of half a CPU: the session Ray's 2 CPUs hold both, and
-    most of a smoke run is interpreters and actors starting, which overlap. Each test below
-    checks its own case's processes and files."""
+    """Every case trained (then evaluated, where _evaluated says), three runs at a time on the
+    session's Ray, each with one worker of half a CPU: the session Ray's 2 CPUs hold them, and
+    most of a smoke run is interpreters and actors starting (several workers per run, and the
+    learner's requests to the worker that holds a task, are tested in test_training.py and
+    test_determinism.py). Each test below checks its own case's processes and files."""
     tmp = tmp_path_factory.mktemp("smoke")
 
     def one(case: tuple[str, str, str]) -> tuple[Path, Any, Any]:
         algorithm, optimizer, family = case
         out = tmp / "-".join(case)
         train = run_cli("train", "quickstart", *SMOKE, "-s", f"algorithm={algorithm}", "-s", f"task.family={family}",
-                        "-s", f"outer.optimizer={optimizer}", "-s", "resources.cpus_per_worker=0.5",
+                        "-s", f"outer.optimizer={optimizer}", "-s", "resources.num_workers=1",
+                        "-s", "resources.cpus_per_worker=0.5",
                         "--output", str(out), "--address", ray_address)
         evaluated = None
         if train.returncode == 0 and _evaluated(*case):
             evaluated = run_cli("eval", str(out), "--tasks", "3", "--steps", "2", "--json", "--address", ray_address)
         return out, train, evaluated
 
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         return dict(zip(CASES, pool.map(one, CASES)))
 
 
@@ -120,16 +122,44 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path):
     assert proc.returncode == 2 and "not a metaray run directory" in proc.stderr
 
 
-@pytest.mark.parametrize("family,algorithm", [("halfcheetah-vel", "maml"), ("halfcheetah-dir", "promp"),
-                                              ("ant-dir", "maml")])
-def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, family, algorithm):
+LOCOMOTION = [("halfcheetah-vel", "maml"), ("halfcheetah-dir", "promp"), ("ant-dir", "maml")]
+PRESETS = ["bandit-rl2", "navigation2d-rl2", "ml1-reach-rl2", "ml1-push-promp"]
+
+
+@pytest.fixture(scope="module")
+def preset_runs(ray_address, tmp_path_factory) -> dict[str, tuple[Path, Any, Any]]:
+    """The shipped MuJoCo, RL² and Meta-World presets not smoke-run elsewhere, shrunk to fit CI,
+    through the CLI: three runs at a time on the session's Ray (their 2 workers a quarter of a
+    CPU each, so that they fit its 2 CPUs). Keyed by preset."""
+    tmp = tmp_path_factory.mktemp("presets")
+    share = ["-s", "resources.cpus_per_worker=0.25", "--address", ray_address]
+    runs: dict[str, list[str]] = {
+        family: ["train", family, "-s", f"algorithm={algorithm}", "-s",
+                 f"outer.optimizer={'trpo' if algorithm == 'maml' else 'adam'}", "-s", "outer.iterations=2",
+                 "-s", "outer.meta_batch_size=2", "-s", "inner.episodes=2", "-s", "rollout.horizon=20",
+                 "-s", "resources.num_workers=2", "-s", "eval.tasks=2", "-s", "eval.steps=1", *share]
+        for family, algorithm in LOCOMOTION}
+    runs.update({preset: ["train", preset, "-s", "outer.iterations=2", "-s", "outer.meta_batch_size=2",
+                          "-s", "inner.episodes=2", "-s", "rollout.horizon=5", "-s", "eval.tasks=1", *share]
+                 for preset in PRESETS})
+
+    def one(name: str) -> tuple[Path, Any, Any]:
+        out = tmp / name
+        train = run_cli(*runs[name], "--output", str(out))
+        evaluated = None
+        if name == "bandit-rl2" and train.returncode == 0:  # eval's default steps for a memory-based run
+            evaluated = run_cli("eval", str(out), "--tasks", "1", "--json", "--address", ray_address)
+        return out, train, evaluated
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(runs, pool.map(one, runs)))
+
+
+@pytest.mark.parametrize("family,algorithm", LOCOMOTION)
+def test_locomotion_presets_train_a_few_iterations(preset_runs, family, algorithm):
     """The shipped MuJoCo presets, shrunk to fit CI: real MuJoCo rollouts, TRPO outer steps."""
-    out = tmp_path / "run"
+    out, proc, _ = preset_runs[family]
     optimizer = "trpo" if algorithm == "maml" else "adam"
-    proc = run_cli("train", family, "-s", f"algorithm={algorithm}", "-s", f"outer.optimizer={optimizer}",
-                   "-s", "outer.iterations=2", "-s", "outer.meta_batch_size=2",
-                   "-s", "inner.episodes=2", "-s", "rollout.horizon=20", "-s", "resources.num_workers=2",
-                   "-s", "eval.tasks=2", "-s", "eval.steps=1", "--output", str(out), "--address", ray_address)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -138,13 +168,10 @@ def test_locomotion_presets_train_a_few_iterations(ray_address, tmp_path: Path, 
     assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == optimizer
 
 
-@pytest.mark.parametrize("preset", ["bandit-rl2", "navigation2d-rl2", "ml1-reach-rl2", "ml1-push-promp"])
-def test_rl2_and_meta_world_presets_train_a_few_iterations(ray_address, tmp_path: Path, preset):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_rl2_and_meta_world_presets_train_a_few_iterations(preset_runs, preset):
     """The shipped RL² and Meta-World presets not smoke-run elsewhere, shrunk to fit CI, through the CLI."""
-    out = tmp_path / "run"
-    proc = run_cli("train", preset, "-s", "outer.iterations=2", "-s", "outer.meta_batch_size=2",
-                   "-s", "inner.episodes=2", "-s", "rollout.horizon=5", "-s", "eval.tasks=1",
-                   "--output", str(out), "--address", ray_address)
+    out, proc, evaluated = preset_runs[preset]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -153,9 +180,8 @@ def test_rl2_and_meta_world_presets_train_a_few_iterations(ray_address, tmp_path
     if saved["algorithm"] == "rl2":  # step k is the trial's (k+1)-th episode, and says so
         assert "episode 1 of a trial" in proc.stdout and "pre-adaptation return" not in proc.stdout
     if preset == "bandit-rl2":  # eval's default steps: the trial's episodes after the first
-        proc = run_cli("eval", str(out), "--tasks", "1", "--json", "--address", ray_address)
-        assert proc.returncode == 0, proc.stderr
-        assert len(json.loads(proc.stdout)["mean_return"]) == saved["rl2"]["episodes_per_trial"]
+        assert evaluated is not None and evaluated.returncode == 0, evaluated.stderr
+        assert len(json.loads(evaluated.stdout)["mean_return"]) == saved["rl2"]["episodes_per_trial"]
 
 
 def test_config_env_is_what_a_submitted_job_reads(tmp_path: Path, monkeypatch):

@@ -27,9 +27,9 @@ def _train(tmp_path, overrides, name="run"):
 def test_same_seed_same_meta_parameters_any_worker_count(ray_local, tmp_path, algorithm, optimizer):
     overrides = [*TINY, f"algorithm={algorithm}", f"outer.optimizer={optimizer}"]
     _, run, a = _train(tmp_path, overrides, "a")
-    _, _, b = _train(tmp_path, overrides, "b")
     _, _, one = _train(tmp_path, [*overrides, "resources.num_workers=1"], "one")
-    assert np.array_equal(a["params"], b["params"]), "same seed, same workers: bit-identical"
+    # A second run, in other processes, on another number of workers: bit-identical (so a run
+    # repeated on the same number of workers is too; that is not run again here).
     assert np.array_equal(one["params"], a["params"]), "one worker or two: bit-identical"
     flat0 = flatten(TaskWorker(load_config("quickstart", overrides)).template).numpy()
     assert not np.allclose(a["params"], flat0), "training must move the meta-parameters"
