@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,31 @@ FAST_FAMILIES = sorted(n for n, cls in BUILTIN_FAMILIES.items() if cls.__module_
 CASES = [(a, o, f) for a, opts in OPTIMIZERS.items() for o in opts for f in FAST_FAMILIES]
 
 
+def _run_all(one: Callable[[Any], Any], keys: list) -> dict:
+    """``one(key)`` for every key, three at a time: key -> its result, or the exception it raised,
+    for the key's own test to re-raise (one run's failure is not every test's). An interrupt
+    cancels what has not started instead of waiting for every queued run."""
+    def caught(key: Any) -> Any:
+        try:
+            return one(key)
+        except Exception as err:  # handed to the key's own test
+            return err
+
+    pool = ThreadPoolExecutor(3)
+    try:
+        futures = {key: pool.submit(caught, key) for key in keys}
+        return {key: future.result() for key, future in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(runs: dict, key: Any) -> Any:
+    found = runs[key]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
 def _evaluated(algorithm: str, optimizer: str, family: str) -> bool:
     """``metaray eval`` of every algorithm on a continuous family and of one on each family: eval's
     paths differ by how an algorithm adapts and by the policy's head, not by their product."""
@@ -60,14 +86,13 @@ def smoke_runs(ray_address, tmp_path_factory) -> dict[tuple[str, str, str], tupl
             evaluated = run_cli("eval", str(out), "--tasks", "3", "--steps", "2", "--json", "--address", ray_address)
         return out, train, evaluated
 
-    with ThreadPoolExecutor(3) as pool:
-        return dict(zip(CASES, pool.map(one, CASES)))
+    return _run_all(one, CASES)
 
 
 @pytest.mark.parametrize("algorithm,optimizer,family", CASES)
 def test_every_algorithm_on_every_family(smoke_runs, algorithm, optimizer, family):
     """Joins the session's Ray through --address (the embedded path is tested below)."""
-    out, proc, evaluated = smoke_runs[algorithm, optimizer, family]
+    out, proc, evaluated = _result(smoke_runs, (algorithm, optimizer, family))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout and "pre-adaptation return" in proc.stdout
     assert (out / "metrics.parquet").is_file() and (out / "checkpoints" / "checkpoint_000002.pt").is_file()
@@ -151,14 +176,13 @@ def preset_runs(ray_address, tmp_path_factory) -> dict[str, tuple[Path, Any, Any
             evaluated = run_cli("eval", str(out), "--tasks", "1", "--json", "--address", ray_address)
         return out, train, evaluated
 
-    with ThreadPoolExecutor(3) as pool:
-        return dict(zip(runs, pool.map(one, runs)))
+    return _run_all(one, list(runs))
 
 
 @pytest.mark.parametrize("family,algorithm", LOCOMOTION)
 def test_locomotion_presets_train_a_few_iterations(preset_runs, family, algorithm):
     """The shipped MuJoCo presets, shrunk to fit CI: real MuJoCo rollouts, TRPO outer steps."""
-    out, proc, _ = preset_runs[family]
+    out, proc, _ = _result(preset_runs, family)
     optimizer = "trpo" if algorithm == "maml" else "adam"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout
@@ -171,7 +195,7 @@ def test_locomotion_presets_train_a_few_iterations(preset_runs, family, algorith
 @pytest.mark.parametrize("preset", PRESETS)
 def test_rl2_and_meta_world_presets_train_a_few_iterations(preset_runs, preset):
     """The shipped RL² and Meta-World presets not smoke-run elsewhere, shrunk to fit CI, through the CLI."""
-    out, proc, evaluated = preset_runs[preset]
+    out, proc, evaluated = _result(preset_runs, preset)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "iter    2/2" in proc.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())

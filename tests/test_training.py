@@ -25,7 +25,9 @@ def _train(tmp_path, overrides, name="run"):
 
 @pytest.mark.parametrize("algorithm,optimizer", [("maml", "trpo"), ("reptile", "adam"), ("rl2", "adam")])
 def test_same_seed_same_meta_parameters_any_worker_count(ray_local, tmp_path, algorithm, optimizer):
-    overrides = [*TINY, f"algorithm={algorithm}", f"outer.optimizer={optimizer}"]
+    # Groups of one task: the 5 tasks are 5 groups, which 2 workers split 3 + 2 (with TINY's
+    # default groups of 5 a single call would hold every task whatever the worker count).
+    overrides = [*TINY, "rollout.task_group_size=1", f"algorithm={algorithm}", f"outer.optimizer={optimizer}"]
     _, run, a = _train(tmp_path, overrides, "a")
     _, _, one = _train(tmp_path, [*overrides, "resources.num_workers=1"], "one")
     # A second run, in other processes, on another number of workers: bit-identical (so a run

@@ -112,13 +112,14 @@ def _scaling(b: dict[str, Any]) -> list[str]:
               f"{_signed(1e3 * fit['c_s_per_worker'], 2)} ms per worker (R² {fit['r2']:.3f}, largest residual "
               f"{1e3 * fit['max_abs_residual']:.1f} ms): at the measured {1e3 * per_task:.1f} ms of worker time per "
               + (f"task, one learner keeps about {feeds:.0f} workers busy." if feeds else "task."), "",
-              f"The learner's memory during an iteration (`scaling.learner.memory`): the Python heap's peak is "
-              f"{heap[small] / 1e6:.2f} MB at meta-batch {small} and {heap[large] / 1e6:.2f} MB at {large}. Of the "
-              f"growth, {mem['row_bytes_per_task']:.0f} bytes per task are the rows the step returns for "
-              f"`tasks.parquet` (O(meta-batch) by design); beyond them the peak is "
+              f"The learner's memory during an iteration (`scaling.learner.memory`, tracemalloc: the Python heap, "
+              f"not arrays in Ray's object store): its peak is {heap[small] / 1e6:.2f} MB at meta-batch {small} and "
+              f"{heap[large] / 1e6:.2f} MB at {large}. The rows the step returns for `tasks.parquet` take "
+              f"{mem['row_bytes_per_task']:.0f} bytes per task (O(meta-batch) by design); without them the peak is "
               f"{beyond[small] / 1e6:.2f} MB and {beyond[large] / 1e6:.2f} MB "
-              f"({'flat' if mem['flat'] else 'not flat'}: {mem['beyond_rows_bytes_per_task']:.0f} bytes per task). "
-              "Workers return one in-order sum per task group, so one vector per group can wait to be folded, and "
+              f"({'flat' if mem['flat'] else 'not flat'}: {mem['beyond_rows_bytes_per_task']:.0f} bytes per task, "
+              "with this tiny policy). What can wait to be folded is one vector per task group (each worker returns "
+              "an in-order sum per group), so it grows with meta-batch / group size x parameters, not per task; "
               "the running sum is O(parameters)."]
     return lines
 

@@ -142,7 +142,10 @@ def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[s
 
     limit = mj_step_limit_steps_per_s(env_id, seconds, horizon=config.rollout.horizon)
     rollout = rollout_steps_per_s(config, seconds)
-    share = -(-config.outer.meta_batch_size // config.resources.num_workers)
+    from metaray.runtime.learner import split_calls, task_groups
+
+    groups = task_groups(config.outer.meta_batch_size, config.rollout.task_group_size)
+    share = max(map(len, split_calls(groups, config.resources.num_workers, config.resources.batch_tasks)))
     worker = group_sampling_speed(config, share, seconds, only="task_group_size")["task_group_size_steps_per_s"]
     return {"env": env_id, "parallel_episodes": config.inner.episodes, "mj_step_limit_steps_per_s": limit,
             "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit,
