@@ -138,12 +138,11 @@ def training_speed(config: Config, iterations: int, warmup: int) -> dict[str, An
 def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[str, Any]:
     """The worker's sampling path on a MuJoCo family against the physics alone: a plain
     ``mj_step`` loop on one core with the env's frame skip (no observation, reward or policy)."""
+    from metaray.runtime.learner import split_calls, task_groups
     from metaray.tasks.mujoco_batched import mj_step_limit_steps_per_s
 
     limit = mj_step_limit_steps_per_s(env_id, seconds, horizon=config.rollout.horizon)
     rollout = rollout_steps_per_s(config, seconds)
-    from metaray.runtime.learner import split_calls, task_groups
-
     groups = task_groups(config.outer.meta_batch_size, config.rollout.task_group_size)
     share = max(map(len, split_calls(groups, config.resources.num_workers, config.resources.batch_tasks)))
     worker = group_sampling_speed(config, share, seconds, only="task_group_size")["task_group_size_steps_per_s"]

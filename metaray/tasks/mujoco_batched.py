@@ -144,17 +144,12 @@ class BatchedLocomotion:
         p, m = self.physics, self.physics.model
         datas, ctrls, frame_skip = self.datas, self._ctrls, p.frame_skip
         mj_step, post = mujoco.mj_step, (mujoco.mj_rnePostConstraint if p.ant is not None else None)
-        if post is None and alive.all():  # HalfCheetah with every episode live: the plainest loop
-            for ctrl, d, action in zip(ctrls, datas, actions):
-                ctrl[:] = action
-                mj_step(m, d, frame_skip)
-        else:
-            for i in alive.nonzero()[0].tolist():
-                d = datas[i]
-                ctrls[i][:] = actions[i]
-                mj_step(m, d, frame_skip)
-                if post is not None:  # Ant's contact forces; MujocoEnv computes them after every step,
-                    post(m, d)  # but no HalfCheetah term reads them, and the next step none of them
+        for i in alive.nonzero()[0].tolist():
+            d = datas[i]
+            ctrls[i][:] = actions[i]
+            mj_step(m, d, frame_skip)
+            if post is not None:  # Ant's contact forces; MujocoEnv computes them after every step, but
+                post(m, d)  # no HalfCheetah observation or reward reads them, and the next step none of them
         x_before = self._x
         obs = self._read()
         x_velocity = (self._x - x_before) / p.dt
