@@ -118,6 +118,11 @@ class TRPOConfig(_Section):
     """Backtracking line-search steps (at most 1,000)."""
     ls_backtrack_ratio: float = Field(0.8, gt=0, lt=1)
     """Shrink factor per line-search step."""
+    curvature_subsample: int = Field(1, ge=1, le=1000)
+    """The Fisher-vector products (and the inner-loss Hessians inside them) see every k-th episode
+    of each batch: a curvature minibatch, as in Hessian-free optimisation and OpenAI Baselines' TRPO
+    (every 5th sample). 1, the default, is the exact product of the MAML paper. The gradient, the
+    adaptation and the line search always use every episode."""
 
 
 class ProMPConfig(_Section):
@@ -257,6 +262,10 @@ class Config(_Section):
         if self.outer.optimizer not in supported:
             raise ValueError(f"outer.optimizer {self.outer.optimizer!r} does not fit algorithm {self.algorithm!r}; "
                              f"use {' or '.join(map(repr, supported))}")
+        subsample = self.outer.trpo.curvature_subsample
+        if self.outer.optimizer == "trpo" and subsample > self.inner.episodes:
+            raise ValueError(f"outer.trpo.curvature_subsample ({subsample}) is more than inner.episodes "
+                             f"({self.inner.episodes}): every k-th episode of a batch would be its first alone")
         resolve_algorithm(self.algorithm).check_config(self)  # ValueError naming the fields
         return self
 

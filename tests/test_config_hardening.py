@@ -227,6 +227,7 @@ def test_output_file_and_overwrite_symlink_are_refused(tmp_path: Path):
     ("outer.iterations=10000000", "outer.iterations: Input should be less than or equal to 1000000"),
     ("seed=18446744073709551616", "seed: Input should be less than or equal to 9223372036854775807"),
     ("outer.trpo.cg_iters=100000", "outer.trpo.cg_iters: Input should be less than or equal to 1000"),
+    ("outer.trpo.curvature_subsample=0", "outer.trpo.curvature_subsample: Input should be greater than or equal to 1"),
 ])
 def test_sizes_have_upper_bounds(override, expected):
     with pytest.raises(ConfigError) as err:

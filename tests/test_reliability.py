@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 
+from metaray.algorithms.maml import MAML
 from metaray.config import ConfigError, load_config
 from metaray.training.run_dir import RunDir, read_rows
 from metaray.training.trainer import train
@@ -79,6 +80,34 @@ def test_worker_killed_mid_iteration_changes_nothing(ray_local, tmp_path):
     print(f"worker failures {sum(r['worker_failures'] for r in rows)}, tasks re-run "
           f"{sum(r['task_retries'] for r in rows)}, restarts {sum(r['worker_restarts'] for r in rows)}")
     assert np.array_equal(outcome["params"], expected), "failover must not change the meta-parameters"
+
+
+class KillsAWorkerInTheOuterStep(MAML):
+    """MAML whose learner half kills worker 0 as iteration 1's outer step begins: Ray restarts it
+    without the episodes it kept, so TRPO's requests about its tasks find it gone (or restarted)."""
+
+    def outer_step(self, outer, mean):
+        if outer.iteration == 1 and outer.attempt == 0:
+            ray.kill(outer.learner.pool.workers[0], no_restart=False)
+        return super().outer_step(outer, mean)
+
+
+def test_worker_lost_in_the_trpo_outer_step_changes_nothing(ray_local, tmp_path):
+    """The conjugate-gradient and line-search requests of a lost worker's tasks: their groups are
+    sampled again on the live worker from the same seeds, and the step is bit-identical."""
+    overrides = ["outer.iterations=3", "outer.meta_batch_size=8", "rollout.task_group_size=2", "inner.episodes=6",
+                 "rollout.horizon=30", "policy.hidden_sizes=[16]", "eval.tasks=2", "outer.optimizer=trpo"]
+    expected = _undisturbed(load_config("quickstart", overrides), tmp_path)
+    cfg = load_config("quickstart", [*overrides, "algorithm=tests.test_reliability:KillsAWorkerInTheOuterStep"])
+    run = RunDir(tmp_path / "faulty")
+    run.prepare(cfg, overwrite=False)
+    outcome = train(cfg, run, log=lambda _: None)
+    rows = run.read_metrics()
+    print({k: rows[1][k] for k in ("worker_failures", "task_retries", "worker_restarts")})
+    assert rows[1]["worker_failures"] + rows[1]["task_retries"] >= 1, rows[1]
+    assert rows[1]["task_retries"] >= 4, "the lost worker's groups are sampled again"
+    assert all(r["tasks_counted"] == 8 for r in rows)
+    assert np.array_equal(outcome["params"], expected), "a loss in the outer step must not change the result"
 
 
 def test_straggler_is_redispatched_after_the_task_timeout(ray_local, tmp_path):

@@ -22,7 +22,8 @@ from metaray.core.task_worker import TaskWorker
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _pair(family: str, activation: str, steps: int, dtype: torch.dtype) -> tuple[TRPOTask, TRPOTask, np.ndarray]:
+def _pair(family: str, activation: str, steps: int, dtype: torch.dtype,
+          subsample: int = 1) -> tuple[TRPOTask, TRPOTask, np.ndarray]:
     """One task's kept state twice, hand-written and autograd: real episodes of a real env (cartpole's
     end early, so rows of padding are dropped), a two-hidden-layer policy cast to ``dtype``."""
     cfg = validate({"algorithm": "maml", "seed": 2, "task": {"family": family},
@@ -38,7 +39,8 @@ def _pair(family: str, activation: str, steps: int, dtype: torch.dtype) -> tuple
     template = OrderedDict((k, v.to(dtype)) for k, v in worker.template.items())
     inner = [PolicyGradientLoss(policy, b) for b in batches[:-1]]
     phi = {k: v.detach() for k, v in adapt(leaf_params(template), inner, cfg.inner.lr, False).items()}
-    fast, slow = (TRPOTask(policy, template, inner, cfg.inner.lr, batches[-1], phi) for _ in range(2))
+    fast, slow = (TRPOTask(policy, template, inner, cfg.inner.lr, batches[-1], phi, subsample=subsample)
+                  for _ in range(2))
     slow.fast = None  # the autograd path, as for any other policy
     return fast, slow, flatten(template).numpy()
 
@@ -95,6 +97,54 @@ def test_the_worker_takes_the_fast_path_for_the_built_in_policy(family, algorith
     other = worker.answer(0, 1, "hvp", flat, v), worker.answer(0, 1, "loss_kl", flat + 0.1 * v)
     np.testing.assert_array_equal(worker.answer(0, 0, "hvp", flat, v), first)
     assert not np.allclose(other[0], first)
+
+
+@pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("cartpole", 1),
+                                          ("navigation2d", 0)])
+def test_curvature_subsample_products_equal_the_autograd_ones(family, steps):
+    """outer.trpo.curvature_subsample: both paths see every k-th episode, at the same points."""
+    fast, slow, flat = _pair(family, "tanh", steps, torch.float64, subsample=2)
+    exact, _, _ = _pair(family, "tanh", steps, torch.float64)
+    v = np.random.default_rng(0).standard_normal(flat.size)
+    hv = fast.hvp(flat, v)
+    assert _rel(hv, slow.hvp(flat, v)) < 1e-10
+    assert _rel(hv, exact.hvp(flat, v)) > 1e-3, "half the episodes: a different matrix"
+    candidate = flat + 0.05 * v  # the line search keeps every episode
+    np.testing.assert_allclose(fast.loss_kl(candidate), exact.loss_kl(candidate), rtol=1e-12, atol=1e-14)
+
+
+def test_curvature_subsample_product_against_its_definition():
+    """J_k^T F_k J_k v written from its definition with torch.func, independently of both paths: the
+    inner Hessian and the Fisher on every 3rd episode, the Fisher at the adapted parameters of the
+    whole inner batch (where the trust region is centred)."""
+    from torch.func import grad, jvp
+
+    from metaray.algorithms.losses import mean_kl
+    from metaray.core.policy import unflatten
+
+    fast, _, flat = _pair("navigation2d", "tanh", 1, torch.float64, subsample=3)
+    policy, template, lr = fast.policy, fast.template, fast.lr
+    assert fast.curvature_valid.mask.shape[1] == 2  # 5 episodes: the 1st and the 4th
+    whole, sub = fast.inner[0].episodes, fast.inner[0].episodes.every(3)
+    np.testing.assert_array_equal(sub.obs.numpy(), whole.obs[:, [0, 3]].numpy())
+    theta = torch.tensor(flat)
+
+    def loss(batch):
+        return lambda t: pg_loss(policy, unflatten(t, template), batch)
+
+    def hvp(f, at, v):  # forward over reverse
+        return jvp(grad(f), (at,), (v,))[1]
+
+    valid = fast.valid.every(3)
+    phi = theta - lr * grad(loss(whole))(theta)
+    with torch.no_grad():
+        old = policy.dist(valid.obs, unflatten(phi, template))
+    kl = lambda t: mean_kl(policy, unflatten(t, template), valid, old)  # noqa: E731
+    v = torch.tensor(np.random.default_rng(5).standard_normal(flat.size))
+    u = v - lr * hvp(loss(sub), theta, v)
+    w = hvp(kl, phi, u)
+    expected = w - lr * hvp(loss(sub), theta, w)
+    assert _rel(fast.hvp(flat, v.numpy()), expected.numpy()) < 1e-10
 
 
 class EntropyMAML(MAML):

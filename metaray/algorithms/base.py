@@ -53,6 +53,10 @@ class OuterContext(Protocol):
     def ask(self, request: str, *args: np.ndarray) -> list[Any]:
         """``worker_half.answer(kept, request, *args)`` for every counted task, in task order."""
 
+    def ask_mean(self, request: str, *args: np.ndarray) -> np.ndarray:
+        """The mean over the counted tasks of answers that are arrays of one shape, summed on the
+        workers (one vector per task group comes back), for requests asked many times a step."""
+
 
 def finite_mean(outer: OuterContext, parts: list[np.ndarray], config: Config) -> torch.Tensor | None:
     """The mean of the finite answers to a gradient request, the others counted as rejected;

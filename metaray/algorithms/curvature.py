@@ -241,15 +241,20 @@ class Rows:
 
 class MLPProducts:
     """The hand-written counterpart of TRPOTask's autograd products, for the built-in policy with
-    ``pg_loss`` inner steps: the same J^T F J, the same surrogate loss and KL."""
+    ``pg_loss`` inner steps: the same J^T F J (on every ``subsample``-th episode), the same
+    surrogate loss and KL."""
 
     def __init__(self, policy: Policy, template: Params, inner: list[Episodes], lr: float, valid: Episodes,
-                 phi: Params, scratch: Scratch) -> None:
+                 phi: Params, scratch: Scratch, subsample: int = 1) -> None:
         self.mlp, self.head, self.lr, self.scratch = MLP(policy, template), policy.head, lr, scratch
         self.inner, self.valid = [Rows.of(b) for b in inner], Rows.of(valid)
+        self.curvature_inner = [Rows.of(b.every(subsample)) for b in inner] if subsample > 1 else self.inner
+        self.curvature_valid = Rows.of(valid.every(subsample)) if subsample > 1 else self.valid
         layers, log_std = self.mlp.split(flatten(phi).to(self.valid.obs.dtype))
         with torch.no_grad():
             self.old = policy.head(self.mlp.forward(layers, self.valid.obs)[-1], log_std)
+            self.curvature_old = self.old if subsample == 1 else \
+                policy.head(self.mlp.forward(layers, self.curvature_valid.obs)[-1], log_std)
 
     def pg_loss(self, rows: Rows) -> OutputLoss:
         """``losses.pg_loss`` on the rows, as a function of the outputs."""
@@ -257,18 +262,22 @@ class MLPProducts:
             return -(rows.weights * rows.advantages * self.head(out, log_std).log_prob(rows.actions)).sum()
         return loss
 
-    def kl(self, dist: Distribution) -> torch.Tensor:
-        """``losses.mean_kl`` on the valid rows."""
-        return (self.valid.weights * kl_divergence(self.old, dist)).sum()
+    def kl(self, dist: Distribution, curvature: bool = False) -> torch.Tensor:
+        """``losses.mean_kl`` on the valid rows (``curvature``: on those the Fisher sees)."""
+        rows, old = (self.curvature_valid, self.curvature_old) if curvature else (self.valid, self.old)
+        return (rows.weights * kl_divergence(old, dist)).sum()
 
     def products(self, theta: torch.Tensor) -> list[Curvature]:
-        """The inner losses' Hessians at theta_0 .. theta_{K-1}, then the Fisher at phi = theta_K."""
+        """The inner losses' Hessians at theta_0 .. theta_{K-1}, then the Fisher at phi = theta_K; the
+        points are the whole batches' even where the products see a curvature minibatch."""
         products = []
-        for rows in self.inner:
-            products.append(Curvature(self.mlp, theta, rows.obs, self.pg_loss(rows), True, self.scratch))
-            theta = theta - self.lr * products[-1].grad
-        kl = lambda out, log_std: self.kl(self.head(out, log_std))  # noqa: E731
-        return [*products, Curvature(self.mlp, theta, self.valid.obs, kl, False, self.scratch)]
+        for rows, sub in zip(self.inner, self.curvature_inner):
+            products.append(Curvature(self.mlp, theta, sub.obs, self.pg_loss(sub), True, self.scratch))
+            step = products[-1].grad if sub is rows else gradient(self.mlp, theta, rows.obs, self.pg_loss(rows),
+                                                                   self.scratch)
+            theta = theta - self.lr * step
+        kl = lambda out, log_std: self.kl(self.head(out, log_std), curvature=True)  # noqa: E731
+        return [*products, Curvature(self.mlp, theta, self.curvature_valid.obs, kl, False, self.scratch)]
 
     def loss_kl(self, theta: torch.Tensor) -> tuple[float, float]:
         """``losses.surrogate_loss`` and the KL at the parameters adapted from ``theta``."""

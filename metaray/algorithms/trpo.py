@@ -114,19 +114,25 @@ class TRPOTask:
 
     ``inner`` are the inner losses (none for pretrain), ``valid`` the post-adaptation
     batch with the log-probabilities recorded when it was sampled, ``phi`` the adapted
-    parameters at the sampling meta-parameters theta_old. For the built-in MLP policy with
-    ``pg_loss`` inner steps the products and losses are hand-written (:mod:`.curvature`, about
-    twice as fast), their temporaries in ``scratch`` (one for all the tasks of a worker, which
-    answers one request at a time); anything else goes through autograd, the tests' reference.
+    parameters at the sampling meta-parameters theta_old. With ``subsample`` k > 1 the
+    products see every k-th episode of each batch (a curvature minibatch; a user's inner loss
+    other than ``pg_loss`` is used whole), at the points the whole batches give. For the
+    built-in MLP policy with ``pg_loss`` inner steps the products and losses are hand-written
+    (:mod:`.curvature`, about twice as fast), their temporaries in ``scratch`` (one for all the
+    tasks of a worker, which answers one request at a time); anything else goes through
+    autograd, the tests' reference.
     """
 
     def __init__(self, policy: Policy, template: Params, inner: list[LossFn], lr: float, valid: Episodes,
-                 phi: Params, scratch: Scratch | None = None) -> None:
+                 phi: Params, scratch: Scratch | None = None, subsample: int = 1) -> None:
         self.policy, self.template, self.inner, self.lr, self.valid = policy, template, inner, lr, valid
         self.phi, self.dtype = phi, next(iter(template.values())).dtype
+        self.curvature_inner = [PolicyGradientLoss(f.policy, f.episodes.every(subsample))
+                                if isinstance(f, PolicyGradientLoss) else f for f in inner]
+        self.curvature_valid = valid.every(subsample)
         fast = supports(policy) and all(isinstance(f, PolicyGradientLoss) and f.policy is policy for f in inner)
         self.fast = MLPProducts(policy, template, [f.episodes for f in inner], lr, valid, phi,
-                                scratch or Scratch()) if fast else None
+                                scratch or Scratch(), subsample) if fast else None
         self.products: list[Product] | None = None  # inner-loss Hessians, then the Fisher at phi
 
     @cached_property
@@ -135,11 +141,19 @@ class TRPOTask:
         with torch.no_grad():
             return self.policy.dist(self.valid.obs, self.phi)
 
+    @cached_property
+    def curvature_old_dist(self) -> Distribution:
+        """``old_dist`` on the episodes the Fisher sees."""
+        if self.curvature_valid is self.valid:
+            return self.old_dist
+        with torch.no_grad():
+            return self.policy.dist(self.curvature_valid.obs, self.phi)
+
     def answer(self, request: str, flat_params: np.ndarray, *args: np.ndarray) -> Any:
         if request == "hvp":
             return self.hvp(flat_params, args[0])
         if request == "loss_kl":
-            return self.loss_kl(flat_params)
+            return np.array(self.loss_kl(flat_params))
         raise ValueError(f"TRPO answers hvp and loss_kl, not {request!r}")
 
     def _flat(self, flat: np.ndarray) -> torch.Tensor:
@@ -168,12 +182,14 @@ class TRPOTask:
         return v.detach().numpy()
 
     def _graphs(self, theta: torch.Tensor) -> list[Product]:
-        """The autograd products: gradients kept with their graphs."""
+        """The autograd products: gradients kept with their graphs, each step of the adaptation taken
+        on the whole batch."""
         params, graphs = unflatten(theta, self.template), []
-        for loss in self.inner:
-            graphs.append(_GradientGraph(loss, params))
+        for loss, curvature in zip(self.inner, self.curvature_inner):
+            graphs.append(_GradientGraph(curvature, params))
             params = adapt(leaf_params(params), [loss], self.lr, create_graph=False)
-        return [*graphs, _GradientGraph(lambda phi: mean_kl(self.policy, phi, self.valid, self.old_dist), params)]
+        kl = lambda phi: mean_kl(self.policy, phi, self.curvature_valid, self.curvature_old_dist)  # noqa: E731
+        return [*graphs, _GradientGraph(kl, params)]
 
     def adapted(self, theta: Params, create_graph: bool) -> Params:
         return adapt(theta, self.inner, self.lr, create_graph)
@@ -195,12 +211,11 @@ def trpo_outer_step(outer: OuterContext, grad: torch.Tensor, cfg: TRPOConfig) ->
     params = outer.params.detach()
 
     def hvp(vector: torch.Tensor) -> torch.Tensor:
-        parts = outer.ask("hvp", params.numpy(), vector.numpy())
-        return sum((torch.tensor(p) for p in parts), torch.zeros_like(vector)) / len(parts)
+        return torch.from_numpy(outer.ask_mean("hvp", params.numpy(), vector.numpy()))
 
     def loss_and_kl(candidate: torch.Tensor) -> tuple[float, float]:
-        parts = outer.ask("loss_kl", candidate.numpy())
-        return float(np.mean([p[0] for p in parts])), float(np.mean([p[1] for p in parts]))
+        loss, kl = outer.ask_mean("loss_kl", candidate.numpy())
+        return float(loss), float(kl)
 
     result = trpo_step(params, grad, float(np.mean(outer.losses)), hvp, loss_and_kl, cfg.max_kl, cfg.cg_iters,
                        cfg.cg_damping, cfg.ls_max_steps, cfg.ls_backtrack_ratio)
@@ -218,7 +233,8 @@ class TRPOOuter(Algorithm):
     def keep(self, inner: list[LossFn], valid: Episodes, phi: Params) -> TRPOTask | None:
         if self.config.outer.optimizer != "trpo":
             return None
-        return TRPOTask(self.policy, self.template, inner, self.lr, valid, phi, self.scratch)
+        return TRPOTask(self.policy, self.template, inner, self.lr, valid, phi, self.scratch,
+                        self.config.outer.trpo.curvature_subsample)
 
     @cached_property
     def scratch(self) -> Scratch:

@@ -45,6 +45,14 @@ class Episodes:
     def steps(self) -> int:
         return int(self.mask.sum().item())
 
+    def every(self, k: int) -> Episodes:
+        """Every k-th episode (the first, the (k+1)-th, ...): a curvature minibatch, always at least one."""
+        if k == 1:
+            return self
+        pick = lambda t: None if t is None else t[:, ::k]  # noqa: E731
+        return Episodes(pick(self.obs), pick(self.actions), pick(self.rewards), pick(self.mask), pick(self.advantages),
+                        pick(self.log_probs), self.params, None if self.success is None else self.success[::k])
+
     def to(self, dtype: torch.dtype) -> Episodes:
         """A copy with floating-point fields cast (float64 for gradient checks)."""
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731

@@ -25,6 +25,8 @@ from metaray.runtime.pool import LOST, WorkerPool
 from metaray.runtime.worker import GroupResult
 from metaray.tasks import Task
 
+INLINE_BYTES = 64 * 1024  # below Ray's 100 KiB limit for arguments sent inside the call
+
 
 class IterationFailedError(RuntimeError):
     pass
@@ -67,8 +69,21 @@ class _Outer:
         optimizer.step()
 
     def ask(self, request: str, *args: np.ndarray) -> list[Any]:
-        refs = [ray.put(np.asarray(a)) for a in args]
-        return self.learner.ask_holders(self, request, *refs)
+        return self.learner.ask_holders(self, request, *self._shared(args))
+
+    def ask_mean(self, request: str, *args: np.ndarray) -> np.ndarray:
+        sums = self.learner.ask_holders(self, request, *self._shared(args), summed=True)
+        total = sums[0].copy()
+        for part in sums[1:]:  # group order: the same sum for any worker count
+            total += part
+        return total / len(self.indices)
+
+    @staticmethod
+    def _shared(args: tuple[np.ndarray, ...]) -> list[Any]:
+        """Arguments every worker reads: large ones into the object store once; small ones (a TRPO
+        vector of a 64x64 policy) inline in the calls, which saves a store round trip per request."""
+        arrays = [np.asarray(a) for a in args]
+        return [ray.put(a) if a.nbytes > INLINE_BYTES else a for a in arrays]
 
 
 class Learner:
@@ -144,8 +159,9 @@ class Learner:
                       lambda _, w, results: [on_result(w, r) for r in results])
         return total, rows, holders
 
-    def ask_holders(self, outer: _Outer, request: str, *args: Any) -> list[Any]:
-        """``answer(request, *args)`` on the workers that keep each counted task; values in task order.
+    def ask_holders(self, outer: _Outer, request: str, *args: Any, summed: bool = False) -> list[Any]:
+        """``answer(request, *args)`` on the workers that keep each counted task; values in task order
+        (``summed``: each group's in-order sum of them, in group order).
 
         A task whose worker died (or restarted, losing its episodes) is sampled again on a
         live worker with its whole group and the same seeds, which rebuilds exactly the
@@ -158,12 +174,12 @@ class Learner:
             by_worker: dict[int, list[int]] = {}
             for i in todo:
                 by_worker.setdefault(holders[i], []).append(i)
-            calls = {w: self.pool.workers[w].answer.remote(outer.iteration, idx, request, *args)
-                     for w, idx in by_worker.items()}
+            calls = {w: (self.pool.workers[w].answer_sums if summed else self.pool.workers[w].answer).remote(
+                outer.iteration, idx, request, *args) for w, idx in by_worker.items()}
             lost: list[int] = []
             for w, ref in calls.items():
                 try:
-                    answers.update(zip(by_worker[w], ray.get(ref)))
+                    answers.update(ray.get(ref) if summed else zip(by_worker[w], ray.get(ref)))
                 except LOST:
                     self.pool.mark_down(w)
                     lost += by_worker[w]
@@ -179,7 +195,7 @@ class Learner:
                                                     [(i, outer.tasks[i]) for i in groups[g]], outer.attempt),
                     again, lambda g, w, _: holders.update(dict.fromkeys(groups[g], w)))
             todo = lost
-        return [answers[i] for i in outer.indices]
+        return [answers[k] for k in sorted(answers)] if summed else [answers[i] for i in outer.indices]
 
     # -- state ---------------------------------------------------------------------------------
 

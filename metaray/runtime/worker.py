@@ -82,6 +82,20 @@ class Worker:
     def answer(self, iteration: int, task_indices: list[int], request: str, *args: np.ndarray) -> list[Any]:
         return [self.runner.answer(iteration, i, request, *args) for i in task_indices]
 
+    def answer_sums(self, iteration: int, task_indices: list[int], request: str,
+                    *args: np.ndarray) -> dict[int, np.ndarray]:
+        """The answers (arrays of one shape) as one in-order sum per task group: what goes back is a
+        vector per group, not per task, and the sums do not depend on which worker holds a group."""
+        sums: dict[int, np.ndarray] = {}
+        for i in task_indices:
+            value = np.asarray(self.runner.answer(iteration, i, request, *args))
+            group = i // self.config.rollout.task_group_size
+            if group in sums:
+                sums[group] += value
+            else:
+                sums[group] = value.copy()
+        return sums
+
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
                  seed: int) -> tuple[list[float], list[int]]:
         return self.runner.evaluate(flat_params, task, steps, seeding.eval_episode_seed(seed, task_index))
