@@ -71,7 +71,10 @@ def test_bench_writes_every_figure(quick_bench):
     p = result["trpo_products"]
     assert p["cg_round_s"] > 0 and 0 < p["cg_round_floor_s"] and p["matmul_gflops"] > 0
     assert p["cg_round_vs_floor"] == pytest.approx(p["cg_round_s"] / p["cg_round_floor_s"])
-    for setting in ("navigation2d_maml_trpo", "cartpole_reptile", "navigation2d_rl2", "halfcheetah_vel_trpo"):
+    c = p["curvature_subsample"]
+    assert c["every"] == 2 and c["cg_round_vs_exact"] == pytest.approx(c["cg_round_s"] / p["cg_round_s"])
+    for setting in ("navigation2d_maml_trpo", "cartpole_reptile", "navigation2d_rl2", "halfcheetah_vel_trpo",
+                    "navigation2d_maml_trpo_curvature_subsample", "halfcheetah_vel_trpo_curvature_subsample"):
         s = result[setting]
         assert s["iteration_s"] > 0 and s["train_steps_per_s"] > 0 and s["iterations_measured"] == 2
         assert set(s["phase_s"]) == {"sampling", "adaptation_and_meta_gradient", "outer_step", "ray_overhead"}

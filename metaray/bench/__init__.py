@@ -87,6 +87,10 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     cheetah = load_config("halfcheetah-vel", [*HALFCHEETAH_VEL_REFERENCE_SETTINGS, *short])
     ant = load_config("ant-dir", [*HALFCHEETAH_VEL_REFERENCE_SETTINGS, *short])
     seconds = 0.5 if quick else 2.0
+    # TRPO's products on a curvature minibatch (outer.trpo.curvature_subsample), Baselines' every 5th;
+    # --quick has 4 episodes a batch.
+    every = 2 if quick else 5
+    curvature = [f"outer.trpo.curvature_subsample={every}"]
     out: dict[str, Any] = {
         "machine": machine(),
         "settings": {"navigation2d_maml_trpo": "navigation2d-maml preset: meta-batch 20, 20 episodes per inner step, "
@@ -96,7 +100,10 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
                      "steps per task, GRU 128, PPO 4 epochs x 2 minibatches",
                      "halfcheetah_vel_trpo": "the reference's HalfCheetahVel config on the halfcheetah-vel preset: "
                      "meta-batch 40, 20 episodes, horizon 100, one inner step, 64x64 tanh, TRPO (160k steps per "
-                     "iteration)", "iterations": iterations, "warmup": warmup, "quick": quick},
+                     "iteration)", "curvature_subsample": f"the *_curvature_subsample rows: the same settings with "
+                     f"TRPO's Fisher-vector products on every {every}th episode of each batch "
+                     f"(outer.trpo.curvature_subsample={every}; the default, 1, is exact)",
+                     "iterations": iterations, "warmup": warmup, "quick": quick},
         "reference": REFERENCE,
         "rollout": {},
     }
@@ -115,11 +122,20 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     share = max(1, maml.outer.meta_batch_size // 2)
     out["sampling_groups"] = group_sampling_speed(maml, share, seconds)
     out["trpo_products"] = trpo_products(maml, share, repeats=3 if quick else 10)
+    sub = trpo_products(load_config("navigation2d-maml", [*short, *curvature]), share, repeats=3 if quick else 10)
+    out["trpo_products"]["curvature_subsample"] = {
+        "every": every, "first_cg_round_s": sub["first_cg_round_s"], "cg_round_s": sub["cg_round_s"],
+        "cg_round_vs_exact": sub["cg_round_s"] / out["trpo_products"]["cg_round_s"]}
     with ray_session(None, 2):
         out["navigation2d_maml_trpo"] = training_speed(maml, iterations, warmup)
         out["cartpole_reptile"] = training_speed(reptile, iterations, warmup)
         out["navigation2d_rl2"] = training_speed(rl2, iterations, warmup)
         out["halfcheetah_vel_trpo"] = training_speed(cheetah, iterations, warmup)
+        out["navigation2d_maml_trpo_curvature_subsample"] = training_speed(
+            load_config("navigation2d-maml", [*short, *curvature]), iterations, warmup)
+        out["halfcheetah_vel_trpo_curvature_subsample"] = training_speed(
+            load_config("halfcheetah-vel", [*HALFCHEETAH_VEL_REFERENCE_SETTINGS, *short, *curvature]), iterations,
+            warmup)
         one = training_speed(load_config("navigation2d-maml", [*short, "resources.num_workers=1"]), iterations, warmup)
     two = out["navigation2d_maml_trpo"]["train_steps_per_s"]
     out["workers_scaling"] = {"setting": "navigation2d_maml_trpo", "1": one["train_steps_per_s"], "2": two,

@@ -52,21 +52,29 @@ def _sampling(b: dict[str, Any]) -> list[str]:
 
 def _products(b: dict[str, Any]) -> list[str]:
     p = b["trpo_products"]
+    c = p["curvature_subsample"]
     return [
         f"TRPO's products (`trpo_products`: one worker's share, {p['tasks']} tasks of {p['samples_per_batch']:,} "
         f"samples per batch, in process): a conjugate-gradient round costs {_s(p['cg_round_s'])} "
         f"({p['cg_round_vs_floor']:.1f}x its matmul floor of {_s(p['cg_round_floor_s'])} at the "
         f"{p['matmul_gflops']:.0f} GFLOP/s this core reaches on the largest layer's shape; the first round, which "
         f"builds what the others reuse, {_s(p['first_cg_round_s'])}), a line-search round "
-        f"{_s(p['line_search_round_s'])} ({p['line_search_round_vs_floor']:.1f}x its floor).",
+        f"{_s(p['line_search_round_s'])} ({p['line_search_round_vs_floor']:.1f}x its floor). With "
+        f"`outer.trpo.curvature_subsample={c['every']}` (the products on every {c['every']}th episode) a round costs "
+        f"{_s(c['cg_round_s'])} ({c['cg_round_vs_exact']:.2f}x the exact round), the first "
+        f"{_s(c['first_cg_round_s'])}.",
     ]
 
 
 TRAINING = (
     ("navigation2d_maml_trpo", "MAML + TRPO, navigation2d, paper settings (meta-batch 20, 20 episodes, horizon 100, "
      "1 inner step, 64x64 tanh)", "navigation2d_iteration_s"),
+    ("navigation2d_maml_trpo_curvature_subsample", "the same, `outer.trpo.curvature_subsample={every}`",
+     "navigation2d_iteration_s"),
     ("halfcheetah_vel_trpo", "MAML + TRPO, HalfCheetahVel, the reference's config (meta-batch 40, 20 episodes, "
      "horizon 100, 64x64 tanh: 160k steps)", "halfcheetah_vel_iteration_s"),
+    ("halfcheetah_vel_trpo_curvature_subsample", "the same, `outer.trpo.curvature_subsample={every}`",
+     "halfcheetah_vel_iteration_s"),
     ("cartpole_reptile", "Reptile, cartpole (`cartpole-reptile` preset)", None),
     ("navigation2d_rl2", "RL², navigation2d (`navigation2d-rl2` preset: 20 tasks x 20 trials x 2 episodes, GRU 128)",
      None),
@@ -76,8 +84,9 @@ TRAINING = (
 def _training(b: dict[str, Any]) -> list[str]:
     lines = ["| training (2 workers, embedded Ray) | iteration | env steps/s | sampling | adaptation + meta-gradient "
              "| outer step | Ray overhead | reference | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    every = b["trpo_products"]["curvature_subsample"]["every"]
     for key, label, ref in TRAINING:
-        x = b[key]
+        x, label = b[key], label.format(every=every)
         ph = x["phase_s"]
         reference = b["reference"][ref] if ref else None
         speedup = f"{reference / x['iteration_s']:.1f}x" if reference else ""
