@@ -264,8 +264,8 @@ class Config(_Section):
                              f"use {' or '.join(map(repr, supported))}")
         subsample = self.outer.trpo.curvature_subsample
         if self.outer.optimizer == "trpo" and subsample > self.inner.episodes:
-            raise ValueError(f"outer.trpo.curvature_subsample ({subsample}) is more than inner.episodes "
-                             f"({self.inner.episodes}): every k-th episode of a batch would be its first alone")
+            raise ValueError(f"outer.trpo.curvature_subsample ({subsample}) must be at most inner.episodes "
+                             f"({self.inner.episodes}), the batch it takes every k-th episode of")
         resolve_algorithm(self.algorithm).check_config(self)  # ValueError naming the fields
         return self
 

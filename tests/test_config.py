@@ -37,7 +37,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     (["task.options.arms=3"], "task.options for family 'navigation2d'"),
     (["algorithm=reptile", "outer.optimizer=trpo"], "outer.optimizer 'trpo' does not fit algorithm 'reptile'"),
     (["outer.optimizer=trpo", "inner.episodes=4", "outer.trpo.curvature_subsample=5"],
-     "outer.trpo.curvature_subsample (5) is more than inner.episodes (4)"),
+     "outer.trpo.curvature_subsample (5) must be at most inner.episodes (4)"),
     (["algorithm=tests.custom_family:GoalLine"], "is not a subclass of metaray.algorithms.base.Algorithm"),
     (["algorithm=nowhere.mod:Algo"], "cannot import algorithm 'nowhere.mod:Algo'"),
     (["outer.optimizer=rmsprop"], "outer.optimizer: Input should be 'adam', 'sgd' or 'trpo'"),

@@ -100,7 +100,7 @@ def test_the_worker_takes_the_fast_path_for_the_built_in_policy(family, algorith
 
 
 @pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("cartpole", 1),
-                                          ("navigation2d", 0)])
+                                          ("cartpole", 2), ("navigation2d", 0)])
 def test_curvature_subsample_products_equal_the_autograd_ones(family, steps):
     """outer.trpo.curvature_subsample: both paths see every k-th episode, at the same points."""
     fast, slow, flat = _pair(family, "tanh", steps, torch.float64, subsample=2)

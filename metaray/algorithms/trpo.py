@@ -9,7 +9,7 @@ no trajectory travels.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -127,7 +127,7 @@ class TRPOTask:
                  phi: Params, scratch: Scratch | None = None, subsample: int = 1) -> None:
         self.policy, self.template, self.inner, self.lr, self.valid = policy, template, inner, lr, valid
         self.phi, self.dtype = phi, next(iter(template.values())).dtype
-        self.curvature_inner = [PolicyGradientLoss(f.policy, f.episodes.every(subsample))
+        self.curvature_inner = [replace(f, episodes=f.episodes.every(subsample))
                                 if isinstance(f, PolicyGradientLoss) else f for f in inner]
         self.curvature_valid = valid.every(subsample)
         fast = supports(policy) and all(isinstance(f, PolicyGradientLoss) and f.policy is policy for f in inner)
@@ -168,6 +168,12 @@ class TRPOTask:
         inner loss (symmetric, so J^T applies the same factors in reverse). That is three
         plain Hessian-vector products for one inner step instead of a backward pass through
         a third-order graph; tests check it against finite differences of the KL gradient.
+
+        On a curvature minibatch (``subsample`` > 1) it is J_s^T F_s J_s, every factor taken on
+        the minibatch at the whole batches' points: an estimate of that Hessian, not the
+        Hessian of any function. Its error in J enters twice, so on average it exceeds
+        J^T F_s J by lr^2 E[dH F_s dH] (positive semi-definite): the step it scales to max_kl
+        is, if anything, shorter than the exact one.
         """
         if self.products is None:  # built once per task and iteration, at theta_old
             theta = self._flat(flat_params)

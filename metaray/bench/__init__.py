@@ -101,8 +101,9 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
                      "halfcheetah_vel_trpo": "the reference's HalfCheetahVel config on the halfcheetah-vel preset: "
                      "meta-batch 40, 20 episodes, horizon 100, one inner step, 64x64 tanh, TRPO (160k steps per "
                      "iteration)", "curvature_subsample": f"the *_curvature_subsample rows: the same settings with "
-                     f"TRPO's Fisher-vector products on every {every}th episode of each batch "
-                     f"(outer.trpo.curvature_subsample={every}; the default, 1, is exact)",
+                     f"TRPO's Fisher-vector products on every k-th episode of each batch, k = {every} "
+                     f"(outer.trpo.curvature_subsample={every}; the default, 1, is exact), so not the reference's "
+                     "algorithm: no speed-up over it is reported",
                      "iterations": iterations, "warmup": warmup, "quick": quick},
         "reference": REFERENCE,
         "rollout": {},

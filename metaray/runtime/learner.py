@@ -80,8 +80,9 @@ class _Outer:
 
     @staticmethod
     def _shared(args: tuple[np.ndarray, ...]) -> list[Any]:
-        """Arguments every worker reads: large ones into the object store once; small ones (a TRPO
-        vector of a 64x64 policy) inline in the calls, which saves a store round trip per request."""
+        """A request's arguments, which every worker asked reads: large ones into the object store
+        once per request; small ones (a TRPO vector of a 64x64 policy) inline in the calls, which
+        saves a store round trip per request."""
         arrays = [np.asarray(a) for a in args]
         return [ray.put(a) if a.nbytes > INLINE_BYTES else a for a in arrays]
 
@@ -179,7 +180,10 @@ class Learner:
             lost: list[int] = []
             for w, ref in calls.items():
                 try:
-                    answers.update(ray.get(ref) if summed else zip(by_worker[w], ray.get(ref)))
+                    got = dict(ray.get(ref) if summed else zip(by_worker[w], ray.get(ref)))
+                    if answers.keys() & got.keys():  # a group split between holders would be summed twice
+                        raise RuntimeError(f"{request!r}: answers for {sorted(answers.keys() & got.keys())} twice")
+                    answers.update(got)
                 except LOST:
                     self.pool.mark_down(w)
                     lost += by_worker[w]

@@ -1,8 +1,9 @@
 """The worker actor: a thin Ray shell around a TaskWorker.
 
 Contract: ``run_tasks`` for training, ``answer`` for the learner half's requests about the
-tasks it kept (TRPO's products, ProMP's gradients), so that no trajectory ever leaves the
-worker that sampled it, ``evaluate`` for held-out tasks, ``ping`` for readiness.
+tasks it kept (ProMP's gradients) and ``answer_sums`` for those it averages (TRPO's
+products, losses and KLs), so that no trajectory ever leaves the worker that sampled it,
+``evaluate`` for held-out tasks, ``ping`` for readiness.
 """
 
 from __future__ import annotations
