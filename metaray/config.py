@@ -210,7 +210,8 @@ class ResourcesConfig(_Section):
     worker_resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each worker needs (e.g. {"spot": 1} to land on labelled nodes)."""
     task_timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
-    """Dispatch a task again on another worker when it runs longer than this (None: never)."""
+    """Dispatch a task again on another worker when it runs longer than this, and sample a task
+    again elsewhere when its worker leaves an outer-step request unanswered this long (None: never)."""
     min_valid_fraction: float = Field(0.5, gt=0, le=1)
     """Retry the iteration when fewer of its task results than this fraction are finite."""
     max_iteration_retries: int = Field(2, ge=0, le=100)

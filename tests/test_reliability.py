@@ -110,6 +110,42 @@ def test_worker_lost_in_the_trpo_outer_step_changes_nothing(ray_local, tmp_path)
     assert np.array_equal(outcome["params"], expected), "a loss in the outer step must not change the result"
 
 
+class StallsOneAnswer(MAML):
+    """MAML whose worker half hangs once, for ``task.options.stall_s``, in the first answer to a
+    learner request of the test (the marker file ``task.options.stall_marker`` makes it once)."""
+
+    def answer(self, kept, request, *args):
+        options = self.config.task.options
+        try:
+            os.close(os.open(options["stall_marker"], os.O_CREAT | os.O_EXCL))
+            time.sleep(options["stall_s"])
+        except FileExistsError:
+            pass
+        return super().answer(kept, request, *args)
+
+
+def test_worker_hung_in_the_trpo_outer_step_is_timed_out(ray_local, tmp_path):
+    """A worker that does not answer a TRPO request within resources.task_timeout_s: its tasks'
+    groups are sampled again on the other worker and the run goes on, bit-identical."""
+    marker = tmp_path / "stalled"
+    overrides = ["task.family=tests.custom_family:GoalLine", f"task.options.stall_marker={str(marker)!r}",
+                 "task.options.stall_s=60", "outer.iterations=3", "outer.meta_batch_size=8",
+                 "rollout.task_group_size=2", "inner.episodes=6", "rollout.horizon=30", "policy.hidden_sizes=[16]",
+                 "eval.tasks=2", "outer.optimizer=trpo", "resources.task_timeout_s=3"]
+    expected = _undisturbed(load_config("quickstart", overrides), tmp_path)
+    assert not marker.exists(), "the undisturbed run must not stall"
+    cfg = load_config("quickstart", [*overrides, "algorithm=tests.test_reliability:StallsOneAnswer"])
+    run = RunDir(tmp_path / "faulty")
+    run.prepare(cfg, overwrite=False)
+    start = time.monotonic()
+    outcome = train(cfg, run, log=lambda _: None)
+    rows = run.read_metrics()
+    assert marker.exists() and time.monotonic() - start < 50, "the run must not wait for the hung worker"
+    assert rows[0]["task_timeouts"] >= 1 and rows[0]["task_retries"] >= 2, rows[0]
+    assert all(r["tasks_counted"] == 8 for r in rows)
+    assert np.array_equal(outcome["params"], expected), "a hung worker must not change the result"
+
+
 def test_straggler_is_redispatched_after_the_task_timeout(ray_local, tmp_path):
     """One task stalls once for 6s; with a 1s timeout its twin answers on the other worker."""
     from metaray.core import seeding

@@ -164,9 +164,10 @@ class Learner:
         """``answer(request, *args)`` on the workers that keep each counted task; values in task order
         (``summed``: each group's in-order sum of them, in group order).
 
-        A task whose worker died (or restarted, losing its episodes) is sampled again on a
-        live worker with its whole group and the same seeds, which rebuilds exactly the
-        same episodes.
+        A task whose worker died (or restarted, losing its episodes), or, with
+        ``resources.task_timeout_s``, has not answered within it (hung, or busy behind a
+        straggler's abandoned call), is sampled again on a live worker with its whole group and
+        the same seeds, which rebuilds exactly the same episodes.
         """
         answers: dict[int, Any] = {}
         todo, holders = list(outer.indices), outer.holders
@@ -178,7 +179,15 @@ class Learner:
             calls = {w: (self.pool.workers[w].answer_sums if summed else self.pool.workers[w].answer).remote(
                 outer.iteration, idx, request, *args) for w, idx in by_worker.items()}
             lost: list[int] = []
+            timeout = self.pool.task_timeout_s
+            answered = set(calls.values()) if timeout is None else set(
+                ray.wait(list(calls.values()), num_returns=len(calls), timeout=timeout)[0])
             for w, ref in calls.items():
+                if ref not in answered:  # no calls to it until it answers a ping, queued behind this one
+                    self.pool.counters.task_timeouts += 1
+                    self.pool.mark_down(w)
+                    lost += by_worker[w]
+                    continue
                 try:
                     got = dict(ray.get(ref) if summed else zip(by_worker[w], ray.get(ref)))
                     if answers.keys() & got.keys():  # a group split between holders would be summed twice
