@@ -241,19 +241,21 @@ class Rows:
 
 class MLPProducts:
     """The hand-written counterpart of TRPOTask's autograd products, for the built-in policy with
-    ``pg_loss`` inner steps: the same J^T F J (on every ``subsample``-th episode), the same
+    ``pg_loss`` inner steps: the same J^T F J (on the ``curvature`` batches: the inner ones and the
+    valid one the products see, the batches themselves where they see every episode), the same
     surrogate loss and KL."""
 
     def __init__(self, policy: Policy, template: Params, inner: list[Episodes], lr: float, valid: Episodes,
-                 phi: Params, scratch: Scratch, subsample: int = 1) -> None:
+                 phi: Params, scratch: Scratch, curvature: tuple[list[Episodes], Episodes] | None = None) -> None:
         self.mlp, self.head, self.lr, self.scratch = MLP(policy, template), policy.head, lr, scratch
         self.inner, self.valid = [Rows.of(b) for b in inner], Rows.of(valid)
-        self.curvature_inner = [Rows.of(b.every(subsample)) for b in inner] if subsample > 1 else self.inner
-        self.curvature_valid = Rows.of(valid.every(subsample)) if subsample > 1 else self.valid
+        sub_inner, sub_valid = curvature or (inner, valid)
+        self.curvature_inner = [r if s is b else Rows.of(s) for r, s, b in zip(self.inner, sub_inner, inner)]
+        self.curvature_valid = self.valid if sub_valid is valid else Rows.of(sub_valid)
         layers, log_std = self.mlp.split(flatten(phi).to(self.valid.obs.dtype))
         with torch.no_grad():
             self.old = policy.head(self.mlp.forward(layers, self.valid.obs)[-1], log_std)
-            self.curvature_old = self.old if subsample == 1 else \
+            self.curvature_old = self.old if sub_valid is valid else \
                 policy.head(self.mlp.forward(layers, self.curvature_valid.obs)[-1], log_std)
 
     def pg_loss(self, rows: Rows) -> OutputLoss:

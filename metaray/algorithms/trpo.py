@@ -131,8 +131,8 @@ class TRPOTask:
                                 if isinstance(f, PolicyGradientLoss) else f for f in inner]
         self.curvature_valid = valid.every(subsample)
         fast = supports(policy) and all(isinstance(f, PolicyGradientLoss) and f.policy is policy for f in inner)
-        self.fast = MLPProducts(policy, template, [f.episodes for f in inner], lr, valid, phi,
-                                scratch or Scratch(), subsample) if fast else None
+        self.fast = MLPProducts(policy, template, [f.episodes for f in inner], lr, valid, phi, scratch or Scratch(),
+                                ([f.episodes for f in self.curvature_inner], self.curvature_valid)) if fast else None
         self.products: list[Product] | None = None  # inner-loss Hessians, then the Fisher at phi
 
     @cached_property

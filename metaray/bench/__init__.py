@@ -91,6 +91,7 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     # --quick has 4 episodes a batch.
     every = 2 if quick else 5
     curvature = [f"outer.trpo.curvature_subsample={every}"]
+    maml_minibatch = load_config("navigation2d-maml", [*short, *curvature])
     out: dict[str, Any] = {
         "machine": machine(),
         "settings": {"navigation2d_maml_trpo": "navigation2d-maml preset: meta-batch 20, 20 episodes per inner step, "
@@ -123,7 +124,7 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     share = max(1, maml.outer.meta_batch_size // 2)
     out["sampling_groups"] = group_sampling_speed(maml, share, seconds)
     out["trpo_products"] = trpo_products(maml, share, repeats=3 if quick else 10)
-    sub = trpo_products(load_config("navigation2d-maml", [*short, *curvature]), share, repeats=3 if quick else 10)
+    sub = trpo_products(maml_minibatch, share, repeats=3 if quick else 10)
     out["trpo_products"]["curvature_subsample"] = {
         "every": every, "first_cg_round_s": sub["first_cg_round_s"], "cg_round_s": sub["cg_round_s"],
         "cg_round_vs_exact": sub["cg_round_s"] / out["trpo_products"]["cg_round_s"]}
@@ -132,8 +133,7 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
         out["cartpole_reptile"] = training_speed(reptile, iterations, warmup)
         out["navigation2d_rl2"] = training_speed(rl2, iterations, warmup)
         out["halfcheetah_vel_trpo"] = training_speed(cheetah, iterations, warmup)
-        out["navigation2d_maml_trpo_curvature_subsample"] = training_speed(
-            load_config("navigation2d-maml", [*short, *curvature]), iterations, warmup)
+        out["navigation2d_maml_trpo_curvature_subsample"] = training_speed(maml_minibatch, iterations, warmup)
         out["halfcheetah_vel_trpo_curvature_subsample"] = training_speed(
             load_config("halfcheetah-vel", [*HALFCHEETAH_VEL_REFERENCE_SETTINGS, *short, *curvature]), iterations,
             warmup)

@@ -12,6 +12,7 @@ workers that keep each task's episodes.
 from __future__ import annotations
 
 import time
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,7 @@ class _Outer:
 
     def ask_mean(self, request: str, *args: np.ndarray) -> np.ndarray:
         sums = self.learner.ask_holders(self, request, *self._shared(args), summed=True)
-        total = sums[0].copy()
-        for part in sums[1:]:  # group order: the same sum for any worker count
-            total += part
-        return total / len(self.indices)
+        return reduce(np.add, sums) / len(self.indices)  # in group order: the same for any worker count
 
     @staticmethod
     def _shared(args: tuple[np.ndarray, ...]) -> list[Any]:

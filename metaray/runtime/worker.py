@@ -91,10 +91,7 @@ class Worker:
         for i in task_indices:
             value = np.asarray(self.runner.answer(iteration, i, request, *args))
             group = i // self.config.rollout.task_group_size
-            if group in sums:
-                sums[group] += value
-            else:
-                sums[group] = value.copy()
+            sums[group] = sums[group] + value if group in sums else value
         return sums
 
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
