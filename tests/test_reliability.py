@@ -114,14 +114,21 @@ class StallsOneAnswer(MAML):
     """MAML whose worker half hangs once, for ``task.options.stall_s``, in the first answer to a
     learner request of the test (the marker file ``task.options.stall_marker`` makes it once)."""
 
-    def answer(self, kept, request, *args):
+    def _stall_once(self):
         options = self.config.task.options
         try:
             os.close(os.open(options["stall_marker"], os.O_CREAT | os.O_EXCL))
             time.sleep(options["stall_s"])
         except FileExistsError:
             pass
+
+    def answer(self, kept, request, *args):
+        self._stall_once()
         return super().answer(kept, request, *args)
+
+    def answer_sum(self, kept, request, *args):  # TRPO's products: a group's answered together
+        self._stall_once()
+        return super().answer_sum(kept, request, *args)
 
 
 def test_worker_hung_in_the_trpo_outer_step_is_timed_out(ray_local, tmp_path):

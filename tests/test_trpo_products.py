@@ -23,17 +23,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(family: str, activation: str, steps: int, dtype: torch.dtype,
-          subsample: int = 1) -> tuple[TRPOTask, TRPOTask, np.ndarray]:
+          subsample: int = 1, task: int = 0) -> tuple[TRPOTask, TRPOTask, np.ndarray]:
     """One task's kept state twice, hand-written and autograd: real episodes of a real env (cartpole's
     end early, so rows of padding are dropped), a two-hidden-layer policy cast to ``dtype``."""
     cfg = validate({"algorithm": "maml", "seed": 2, "task": {"family": family},
                     "policy": {"hidden_sizes": [12, 10], "activation": activation, "init_log_std": -0.5},
                     "inner": {"steps": max(steps, 1), "lr": 0.5, "episodes": 5}, "rollout": {"horizon": 100}})
     worker = TaskWorker(cfg)
-    envs = worker.make_envs(worker.family.sample_tasks(1, np.random.default_rng(3))[0])
-    gen = torch.Generator().manual_seed(4)
+    envs = worker.make_envs(worker.family.sample_tasks(task + 1, np.random.default_rng(3))[task])
+    gen = torch.Generator().manual_seed(4 + task)
     batches = [compute_advantages(collect(worker.policy, worker.template, envs, cfg.rollout.horizon,
-                                          [100 * k + i for i in range(envs.num_envs)], gen), 0.99, 0.95, True).to(dtype)
+                                          [100 * k + i + 1000 * task for i in range(envs.num_envs)], gen),
+                                  0.99, 0.95, True).to(dtype)
                for k in range(steps + 1)]
     policy = worker.policy.to(dtype)
     template = OrderedDict((k, v.to(dtype)) for k, v in worker.template.items())
@@ -77,6 +78,60 @@ def test_fast_products_in_float32_are_within_rounding_of_the_autograd_ones(famil
     assert _rel(fast.hvp(flat, v), slow.hvp(flat, v)) < 1e-5
     # The surrogate loss is a mean of terms of size one that nearly cancel: an absolute bound.
     np.testing.assert_allclose(fast.loss_kl(flat + 0.05 * v), slow.loss_kl(flat + 0.05 * v), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("subsample", [1, 2])
+@pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("navigation2d", 0),
+                                          ("cartpole", 1), ("cartpole", 2)])
+def test_a_task_group_computed_together_equals_its_tasks_one_by_one(family, steps, subsample):
+    """A worker computes a group's products in one batched pass, each task's rows padded to the
+    longest with rows of weight zero (cartpole's episodes end at different steps): each task's
+    product, loss and KL equal the autograd path's on that task alone."""
+    from metaray.algorithms.curvature import MLPProducts, Scratch
+
+    pairs = [_pair(family, "tanh", steps, torch.float64, subsample, task=t) for t in range(3)]
+    flat = pairs[0][2]
+    rows = {int(p[0].valid.mask.sum()) for p in pairs}
+    if family == "cartpole":
+        assert len(rows) > 1, "the check covers padding between tasks"
+    fast = pairs[0][0]
+    group = MLPProducts(fast.policy, fast.template, fast.lr, [p[0].batches for p in pairs], Scratch())
+    v = torch.tensor(np.random.default_rng(0).standard_normal(flat.size))
+    each = group.hvp(flat, v).numpy()
+    candidate = torch.tensor(flat) + 0.05 * v
+    losses = group.loss_kl(candidate).numpy()
+    for t, (_, slow, _) in enumerate(pairs):
+        assert _rel(each[t], slow.hvp(flat, v.numpy())) < 1e-10
+        np.testing.assert_allclose(losses[t], slow.loss_kl(candidate.numpy()), rtol=1e-10, atol=1e-14)
+    assert _rel(each[0], each[1]) > 1e-3, "different tasks, different products"
+    np.testing.assert_array_equal(group.hvp(flat, v).numpy(), each)  # the rounds reuse what the first built
+
+
+def test_the_worker_answers_a_group_together_and_rebuilds_it_for_new_episodes():
+    cfg = validate({"algorithm": "maml", "seed": 1, "task": {"family": "cartpole"},
+                    "policy": {"hidden_sizes": [8]}, "inner": {"episodes": 4},
+                    "rollout": {"horizon": 30, "task_group_size": 3}, "outer": {"optimizer": "trpo"}})
+    worker = TaskWorker(cfg)
+    flat = flatten(worker.template).numpy()
+    tasks = worker.family.sample_tasks(3, np.random.default_rng(0))
+    jobs = [(i, task, np.random.SeedSequence(5 + i)) for i, task in enumerate(tasks)]
+    worker.run_tasks(flat, jobs, iteration=0)
+    v = np.random.default_rng(2).standard_normal(flat.size).astype(np.float32)
+    one_by_one = sum(worker.answer(0, i, "hvp", flat, v).astype(np.float64) for i in range(3))
+    together = worker.answer_sum(0, [0, 1, 2], "hvp", flat, v)
+    assert together.dtype == np.float32
+    assert _rel(together, one_by_one) < 1e-5
+    group = worker._kept[(0, 0)].group
+    assert group is not None and all(worker._kept[(0, i)].group is group for i in range(3))
+    np.testing.assert_array_equal(worker.answer_sum(0, [0, 1, 2], "hvp", flat, v), together)
+    assert worker._kept[(0, 2)].group is group, "reused between rounds"
+    losses = worker.answer_sum(0, [0, 1, 2], "loss_kl", flat + 0.1 * v)
+    np.testing.assert_allclose(losses, sum(worker.answer(0, i, "loss_kl", flat + 0.1 * v) for i in range(3)),
+                               rtol=1e-5)
+    worker.run_tasks(flat, [(i, task, np.random.SeedSequence(50 + i)) for i, task, _ in jobs[1:2]], iteration=0)
+    again = worker.answer_sum(0, [0, 1, 2], "hvp", flat, v)
+    assert worker._kept[(0, 0)].group is not group, "a task sampled again: the group is built again"
+    assert _rel(again, together) > 1e-4
 
 
 @pytest.mark.parametrize("family,algorithm,steps", [("navigation2d", "maml", 1), ("navigation2d", "maml", 2),
@@ -178,14 +233,18 @@ def test_other_inner_losses_and_policies_take_the_autograd_path():
 
 
 def test_scratch_holds_one_buffer_per_name_at_the_largest_size():
-    """Batches' row counts vary with where episodes end: the scratch must not keep one buffer per
-    count (a long Ant run would grow a worker by gigabytes)."""
+    """Batches' row counts vary with where episodes end, a group's size with the meta-batch: the
+    scratch must not keep one buffer per shape (a long Ant run would grow a worker by gigabytes)."""
     from metaray.algorithms.curvature import Scratch
 
     scratch = Scratch()
-    for rows in [*range(10, 200, 7), 50, 3]:
-        a = scratch("a0", (rows, 64), torch.float32)
-        assert a.shape == (rows, 64) and a.is_contiguous()
-        a.fill_(rows)  # writable, and the view of the one buffer
+    shapes = [(tasks, rows, 64) for rows in [*range(10, 200, 7), 50, 3] for tasks in (1, 5, 2)]
+    for shape in shapes:
+        a = scratch("a0", shape, torch.float32)
+        assert a.shape == shape and a.is_contiguous()
+        a.fill_(shape[1])  # writable, and a view of the one buffer
+        assert a.untyped_storage().data_ptr() == scratch.buffers[("a0", torch.float32)].untyped_storage().data_ptr()
     assert len(scratch.buffers) == 1
-    assert next(iter(scratch.buffers.values())).shape == (199 - (199 - 10) % 7, 64)
+    assert scratch.buffers[("a0", torch.float32)].numel() == max(t * r * c for t, r, c in shapes)
+    scratch("a0", (2, 3), torch.float64)
+    assert len(scratch.buffers) == 2

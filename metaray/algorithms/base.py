@@ -12,6 +12,7 @@ A user's algorithm plugs in by import path, like a task family: ``algorithm: pkg
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,6 +132,11 @@ class Algorithm:
     def answer(self, kept: Any, request: str, *args: np.ndarray) -> Any:
         """A learner-half request about a task whose state this worker kept."""
         raise ValueError(f"{type(self).__name__} answers no request {request!r}")
+
+    def answer_sum(self, kept: list[Any], request: str, *args: np.ndarray) -> np.ndarray:
+        """The in-order sum of :meth:`answer` (arrays of one shape) over a task group's kept states; an
+        algorithm may compute a group's answers together."""
+        return functools.reduce(np.add, (np.asarray(self.answer(k, request, *args)) for k in kept))
 
     def params_from(self, flat: np.ndarray | torch.Tensor) -> Params:
         return unflatten(torch.tensor(np.asarray(flat), dtype=torch.float32), self.template)

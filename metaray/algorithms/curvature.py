@@ -14,14 +14,16 @@ and the log-std come from autograd on the small [rows x outputs] graph, through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
-from metaray.core.policy import Params, Policy, flatten, unflatten
+from metaray.core.policy import Params, Policy, flatten
 from metaray.core.rollout import Episodes
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (weight [out, in], bias [out]) of each Linear
@@ -41,22 +43,23 @@ def supports(policy: nn.Module) -> bool:
 
 
 class Scratch:
-    """Buffers reused from call to call, by name and trailing shape, for results used only within
-    a call. A fresh [2000, 64] float32 tensor costs about what the arithmetic on it costs: blocks
-    that size go back to the OS when freed, and each new one is page-faulted in again (measured:
-    the products 2-3x slower with fresh tensors). The leading dimension (a batch's rows, which
-    vary with where episodes end) is served as a view of one buffer kept at the largest size
-    asked for, so the memory held is bounded by the largest batch, not by how many sizes occur."""
+    """Buffers reused from call to call, by name, for results used only within a call. A fresh
+    [2000, 64] float32 tensor costs about what the arithmetic on it costs: blocks that size go back
+    to the OS when freed, and each new one is page-faulted in again (measured: the products 2-3x
+    slower with fresh tensors). A name's buffer is one flat block kept at the largest size asked
+    for and served as a view of the shape asked for (a batch's rows vary with where episodes end,
+    a group's tasks with the config), so the memory held is bounded by the largest request, not
+    by how many shapes occur."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (name, tuple(shape[1:]), dtype)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.shape[0] < shape[0]:
-            buffer = self.buffers[key] = torch.empty(tuple(shape), dtype=dtype)
-        return buffer[: shape[0]]
+        size = math.prod(shape)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[(name, dtype)] = torch.empty(size, dtype=dtype)
+        return buffer[:size].view(shape)
 
 
 def _out(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -65,8 +68,9 @@ def _out(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torc
 
 
 class MLP:
-    """The built-in policy's body on flat parameters: where each Linear's weight and bias and the
-    log-std sit, the forward, and the activation's derivatives written in its output h."""
+    """The built-in policy's body on flat parameters with a leading task dimension ([tasks, P]):
+    where each Linear's weight and bias and the log-std sit, the forward, and the activation's
+    derivatives written in its output h."""
 
     def __init__(self, policy: Policy, template: Params) -> None:
         self.template = template
@@ -74,16 +78,24 @@ class MLP:
                        if isinstance(m, nn.Linear)]
         self.log_std = "log_std" if "log_std" in template else None
         self.tanh = not any(isinstance(m, nn.ReLU) for m in policy.body)
+        self.slices, offset = {}, 0
+        for name, t in template.items():
+            self.slices[name] = (offset, offset + t.numel(), t.shape)
+            offset += t.numel()
 
     def split(self, flat: torch.Tensor) -> tuple[Layers, torch.Tensor | None]:
-        p = unflatten(flat, self.template)
-        return [(p[w], p[b]) for w, b in self.linear], p[self.log_std] if self.log_std else None
+        """Views of ``flat`` [tasks, P]: (weight [tasks, out, in], bias [tasks, out]) per Linear, and the
+        log-std [tasks, 1, act_dim] (broadcasting over a batch's rows) or None."""
+        part = lambda name: flat[:, self.slices[name][0]:self.slices[name][1]].view(  # noqa: E731
+            len(flat), *self.slices[name][2])
+        layers = [(part(w), part(b)) for w, b in self.linear]
+        return layers, part(self.log_std).unsqueeze(1) if self.log_std else None
 
     def join(self, layers: Layers, log_std: torch.Tensor | None) -> torch.Tensor:
         parts = {name: t for names, ts in zip(self.linear, layers) for name, t in zip(names, ts)}
         if self.log_std:
             parts[self.log_std] = log_std
-        return torch.cat([parts[name].reshape(-1) for name in self.template])
+        return torch.cat([parts[name].reshape(len(layers[0][0]), -1) for name in self.template], 1)
 
     def activate_(self, a: torch.Tensor) -> torch.Tensor:
         """sigma(a), in place. tanh(a) = 2 sigmoid(2a) - 1 (within 2e-7 in float32): torch.tanh is
@@ -95,24 +107,26 @@ class MLP:
         return torch.mul(h, h, out=out).neg_().add_(1) if self.tanh else torch.sign(h, out=out)
 
     def forward(self, layers: Layers, obs: torch.Tensor, scratch: Scratch | None = None) -> list[torch.Tensor]:
-        """[obs, h_1, ..., h_{L-1}, out]: the input of every Linear, then the body's output."""
+        """[obs, h_1, ..., h_{L-1}, out], each [tasks, rows, width]: the input of every Linear, then the
+        body's output."""
         hs = [obs]
         for k, (w, b) in enumerate(layers):
-            a = torch.addmm(b, hs[-1], w.t(), out=_out(scratch, f"a{k}", (len(obs), len(w)), obs.dtype))
+            a = torch.baddbmm(b.unsqueeze(1), hs[-1], w.transpose(1, 2),
+                              out=_out(scratch, f"a{k}", (*obs.shape[:2], w.shape[1]), obs.dtype))
             hs.append(a if k == len(layers) - 1 else self.activate_(a))
         return hs
 
 
 def _outer(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The sum of delta^T h over (delta [rows, out], h [rows, in]) pairs: a weight's gradient
-    [out, in]. Computed as (h^T delta)^T where in < out: BLAS is slow at a product whose last
-    dimension is narrow (7x for the first layer, [64, 2000] @ [2000, 2])."""
-    flip = pairs[0][1].shape[1] < pairs[0][0].shape[1]
+    """The sum of delta^T h over (delta [tasks, rows, out], h [tasks, rows, in]) pairs: each task's
+    weight gradient, [tasks, out, in]. Computed as (h^T delta)^T where in < out: BLAS is slow at a
+    product whose last dimension is narrow (7x for the first layer, [64, 2000] @ [2000, 2])."""
+    flip = pairs[0][1].shape[2] < pairs[0][0].shape[2]
     g = None
     for delta, h in pairs:
         a, b = (h, delta) if flip else (delta, h)
-        g = a.t() @ b if g is None else g.addmm_(a.t(), b)
-    return g.t() if flip else g
+        g = torch.bmm(a.transpose(1, 2), b) if g is None else g.baddbmm_(a.transpose(1, 2), b)
+    return g.transpose(1, 2) if flip else g
 
 
 def _backward(layers: Layers, hs: list[torch.Tensor], slopes: list[torch.Tensor], g_out: torch.Tensor,
@@ -123,38 +137,40 @@ def _backward(layers: Layers, hs: list[torch.Tensor], slopes: list[torch.Tensor]
     deltas, es = [g_out], []
     for k in reversed(range(len(layers))):
         delta = deltas[0]
-        grads.insert(0, (_outer((delta, hs[k])), delta.sum(0)))
+        grads.insert(0, (_outer((delta, hs[k])), delta.sum(1)))
         if k:
-            es.insert(0, torch.mm(delta, layers[k][0], out=_out(scratch, f"e{k}", hs[k].shape, delta.dtype)))
+            es.insert(0, torch.bmm(delta, layers[k][0], out=_out(scratch, f"e{k}", hs[k].shape, delta.dtype)))
             deltas.insert(0, torch.mul(slopes[k - 1], es[0], out=_out(scratch, f"d{k}", hs[k].shape, delta.dtype)))
     return grads, deltas, es
 
 
 def _output_terms(loss: OutputLoss, out: torch.Tensor, log_std: torch.Tensor | None,
                   hessian: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dloss/dout [rows, O], dloss/dlog_std [act_dim] (None for Categorical) and, with ``hessian``,
-    the second derivatives in z = (out_n, log_std) row by row, [rows, O+S, O+S].
+    """dloss/dout [tasks, rows, O], dloss/dlog_std [tasks, act_dim] (None for Categorical) and, with
+    ``hessian``, the second derivatives in z = (out_n, log_std) row by row, [tasks, rows, O+S, O+S].
 
-    The loss is a sum over rows of functions of (out_n, log_std), so with the log-std given a
-    copy per row its Hessian is block-diagonal: the blocks' columns are one batched double backward."""
+    The loss is a sum over tasks and rows of functions of (out_n, log_std), so with the log-std
+    given a copy per row its Hessian is block-diagonal: the blocks' columns are one batched double
+    backward."""
     with torch.enable_grad():
         leaves = [out.detach().requires_grad_(True)]
         if log_std is not None:
-            leaves.append(log_std.detach().expand(len(out), -1).clone().requires_grad_(True))
+            leaves.append(log_std.detach().expand(*out.shape[:2], -1).clone().requires_grad_(True))
         value = loss(leaves[0], leaves[1] if log_std is not None else None)
         grads = torch.autograd.grad(value, leaves, create_graph=hessian)
-        g_s = grads[1].detach().sum(0) if log_std is not None else None
+        g_s = grads[1].detach().sum(1) if log_std is not None else None
         if not hessian:
             return grads[0].detach(), g_s, None
-        g = torch.cat(grads, 1)
-        units = torch.eye(g.shape[1], dtype=g.dtype).unsqueeze(1).expand(-1, len(g), -1)  # column j: e_j per row
+        g = torch.cat(grads, 2)
+        z = g.shape[2]
+        units = torch.eye(z, dtype=g.dtype).view(z, 1, 1, z).expand(-1, *g.shape[:2], -1)  # column j: e_j per row
         cols = torch.autograd.grad(g, leaves, units, is_grads_batched=True, materialize_grads=True)
-    return grads[0].detach(), g_s, torch.cat(cols, 2).transpose(0, 1).detach()
+    return grads[0].detach(), g_s, torch.cat(cols, 3).permute(1, 2, 0, 3).contiguous().detach()
 
 
 def gradient(mlp: MLP, flat: torch.Tensor, obs: torch.Tensor, loss: OutputLoss,
              scratch: Scratch) -> torch.Tensor:
-    """The flat gradient of ``loss`` of the policy's outputs on ``obs``, at ``flat``."""
+    """Each task's flat gradient of ``loss`` of the policy's outputs on ``obs``, at ``flat`` [tasks, P]."""
     layers, log_std = mlp.split(flat)
     hs = mlp.forward(layers, obs, scratch)
     g_out, g_s, _ = _output_terms(loss, hs[-1], log_std, hessian=False)
@@ -192,37 +208,41 @@ class Curvature:
                           for h, s, e in zip(self.hs[1:-1], self.slopes, es)]
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for each task, v [tasks, P]."""
         dlayers, dlog_std = self.mlp.split(v)
-        last, rows, dtype = len(self.layers) - 1, len(self.hs[0]), v.dtype
+        last, (tasks, rows), dtype = len(self.layers) - 1, self.hs[0].shape[:2], v.dtype
         ra, rh = [], [None]  # R a_l; R h_l (R of the observations: none)
         for k, ((w, _), (dw, db)) in enumerate(zip(self.layers, dlayers)):
-            a = torch.addmm(db, self.hs[k], dw.t(), out=self.scratch(f"ra{k}", (rows, len(w)), dtype))
+            a = torch.baddbmm(db.unsqueeze(1), self.hs[k], dw.transpose(1, 2),
+                              out=self.scratch(f"ra{k}", (tasks, rows, w.shape[1]), dtype))
             if k:
-                a.addmm_(rh[k], w.t())
+                a.baddbmm_(rh[k], w.transpose(1, 2))
             ra.append(a)
             if k < last:
                 rh.append(torch.mul(self.slopes[k], a, out=self.scratch(f"rh{k}", a.shape, dtype)))
-        outputs = ra[-1].shape[1]
-        z = ra[-1] if dlog_std is None else torch.cat([ra[-1], dlog_std.expand(rows, -1)], 1)
-        hz = torch.bmm(self.h_out, z.unsqueeze(2)).squeeze(2)
-        rdelta, grads = hz[:, :outputs], []
+        outputs = ra[-1].shape[2]
+        z = ra[-1] if dlog_std is None else torch.cat([ra[-1], dlog_std.expand(-1, rows, -1)], 2)
+        hz = torch.bmm(self.h_out.view(tasks * rows, *self.h_out.shape[2:]), z.reshape(tasks * rows, -1, 1))
+        hz = hz.view(tasks, rows, -1)
+        rdelta, grads = hz[:, :, :outputs], []
         for k in reversed(range(len(self.layers))):
             pairs = [(rdelta, self.hs[k])] + ([(self.deltas[k], rh[k])] if self.exact and k else [])
-            grads.insert(0, (_outer(*pairs), rdelta.sum(0)))
+            grads.insert(0, (_outer(*pairs), rdelta.sum(1)))
             if k:
-                re = torch.mm(rdelta, self.layers[k][0], out=self.scratch(f"re{k}", self.hs[k].shape, dtype))
+                re = torch.bmm(rdelta, self.layers[k][0], out=self.scratch(f"re{k}", self.hs[k].shape, dtype))
                 if self.exact:
-                    re.addmm_(self.deltas[k], dlayers[k][0])
+                    re.baddbmm_(self.deltas[k], dlayers[k][0])
                 rdelta = re.mul_(self.slopes[k - 1])
                 if self.exact and self.curls[k - 1] is not None:
                     rdelta.addcmul_(self.curls[k - 1], ra[k - 1])
-        return self.mlp.join(grads, None if dlog_std is None else hz[:, outputs:].sum(0))
+        return self.mlp.join(grads, None if dlog_std is None else hz[:, :, outputs:].sum(1))
 
 
 @dataclass
 class Rows:
-    """A batch's timesteps as rows, padding dropped (it weighs nothing in a masked mean); ``weights``
-    are the masked mean's, so a loss is a weighted sum over the rows."""
+    """Each task's batch as rows [tasks, rows, ...]: a batch's padding steps dropped and the tasks'
+    rows padded to the longest with rows of weight zero (they add exact zeros to every sum);
+    ``weights`` are each task's masked mean's, so a loss is a weighted sum over the rows."""
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -231,62 +251,118 @@ class Rows:
     log_probs: torch.Tensor | None
 
     @classmethod
-    def of(cls, episodes: Episodes) -> Rows:
-        mask = episodes.mask.reshape(-1)
-        keep = mask != 0
-        rows = lambda t: None if t is None else t.reshape(len(mask), *t.shape[2:])[keep]  # noqa: E731
-        return cls(rows(episodes.obs), rows(episodes.actions), rows(episodes.advantages), mask[keep] / mask.sum(),
-                   rows(episodes.log_probs))
+    def of(cls, batches: list[Episodes]) -> Rows:
+        kept = []
+        for episodes in batches:
+            mask = episodes.mask.reshape(-1)
+            keep = mask != 0
+            rows = lambda t, keep=keep: None if t is None else t.reshape(len(keep), *t.shape[2:])[keep]  # noqa: E731
+            kept.append((rows(episodes.obs), rows(episodes.actions), rows(episodes.advantages),
+                         mask[keep] / mask.sum(), rows(episodes.log_probs)))
+        longest = max(len(k[0]) for k in kept)
+
+        def stack(field: int) -> torch.Tensor | None:
+            parts = [k[field] for k in kept]
+            if parts[0] is None:
+                return None
+            out = parts[0].new_zeros((len(parts), longest, *parts[0].shape[1:]))
+            for t, part in enumerate(parts):
+                out[t, :len(part)] = part
+            return out
+
+        return cls(*(stack(i) for i in range(5)))
+
+
+@dataclass
+class TaskBatches:
+    """What TRPO keeps of one task for its products: the inner batches, the post-adaptation batch,
+    the adapted parameters at theta_old, and the batches the products see (the same objects
+    where they see every episode)."""
+
+    inner: list[Episodes]
+    valid: Episodes
+    phi: Params
+    curvature_inner: list[Episodes]
+    curvature_valid: Episodes
 
 
 class MLPProducts:
     """The hand-written counterpart of TRPOTask's autograd products, for the built-in policy with
-    ``pg_loss`` inner steps: the same J^T F J (on the ``curvature`` batches: the inner ones and the
-    valid one the products see, the batches themselves where they see every episode), the same
-    surrogate loss and KL."""
+    ``pg_loss`` inner steps, for one task or for several (a worker's task group) computed together:
+    the same J^T F J (on the curvature batches), the same surrogate loss and KL, each task's."""
 
-    def __init__(self, policy: Policy, template: Params, inner: list[Episodes], lr: float, valid: Episodes,
-                 phi: Params, scratch: Scratch, curvature: tuple[list[Episodes], Episodes] | None = None) -> None:
+    def __init__(self, policy: Policy, template: Params, lr: float, tasks: list[TaskBatches],
+                 scratch: Scratch) -> None:
         self.mlp, self.head, self.lr, self.scratch = MLP(policy, template), policy.head, lr, scratch
-        self.inner, self.valid = [Rows.of(b) for b in inner], Rows.of(valid)
-        sub_inner, sub_valid = curvature or (inner, valid)
-        self.curvature_inner = [r if s is b else Rows.of(s) for r, s, b in zip(self.inner, sub_inner, inner)]
-        self.curvature_valid = self.valid if sub_valid is valid else Rows.of(sub_valid)
-        layers, log_std = self.mlp.split(flatten(phi).to(self.valid.obs.dtype))
+        steps = len(tasks[0].inner)
+        self.inner = [Rows.of([t.inner[i] for t in tasks]) for i in range(steps)]
+        self.valid = Rows.of([t.valid for t in tasks])
+        whole = lambda i: all(t.curvature_inner[i] is t.inner[i] for t in tasks)  # noqa: E731
+        self.curvature_inner = [self.inner[i] if whole(i) else Rows.of([t.curvature_inner[i] for t in tasks])
+                                for i in range(steps)]
+        same = all(t.curvature_valid is t.valid for t in tasks)
+        self.curvature_valid = self.valid if same else Rows.of([t.curvature_valid for t in tasks])
+        dtype = self.valid.obs.dtype
+        layers, log_std = self.mlp.split(torch.stack([flatten(t.phi).to(dtype) for t in tasks]))
         with torch.no_grad():
             self.old = policy.head(self.mlp.forward(layers, self.valid.obs)[-1], log_std)
-            self.curvature_old = self.old if sub_valid is valid else \
+            self.curvature_old = self.old if same else \
                 policy.head(self.mlp.forward(layers, self.curvature_valid.obs)[-1], log_std)
+        self.tasks, self.products_at = len(tasks), None
+        self.products: list[Curvature] | None = None
 
     def pg_loss(self, rows: Rows) -> OutputLoss:
-        """``losses.pg_loss`` on the rows, as a function of the outputs."""
+        """``losses.pg_loss`` on the rows, as a function of the outputs (summed over the tasks)."""
         def loss(out: torch.Tensor, log_std: torch.Tensor | None) -> torch.Tensor:
             return -(rows.weights * rows.advantages * self.head(out, log_std).log_prob(rows.actions)).sum()
         return loss
 
     def kl(self, dist: Distribution, curvature: bool = False) -> torch.Tensor:
-        """``losses.mean_kl`` on the valid rows (``curvature``: on those the Fisher sees)."""
+        """``losses.mean_kl`` of each task, on the valid rows (``curvature``: on those the Fisher sees)."""
         rows, old = (self.curvature_valid, self.curvature_old) if curvature else (self.valid, self.old)
-        return (rows.weights * kl_divergence(old, dist)).sum()
+        return (rows.weights * kl_divergence(old, dist)).sum(1)
 
-    def products(self, theta: torch.Tensor) -> list[Curvature]:
+    def _theta(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.to(self.valid.obs.dtype).expand(self.tasks, -1).contiguous()
+
+    def build(self, theta: torch.Tensor) -> list[Curvature]:
         """The inner losses' Hessians at theta_0 .. theta_{K-1}, then the Fisher at phi = theta_K; the
         points are the whole batches' even where the products see a curvature minibatch."""
-        products = []
+        theta, products = self._theta(theta), []
         for rows, sub in zip(self.inner, self.curvature_inner):
             products.append(Curvature(self.mlp, theta, sub.obs, self.pg_loss(sub), True, self.scratch))
             step = products[-1].grad if sub is rows else gradient(self.mlp, theta, rows.obs, self.pg_loss(rows),
                                                                    self.scratch)
             theta = theta - self.lr * step
-        kl = lambda out, log_std: self.kl(self.head(out, log_std), curvature=True)  # noqa: E731
+        kl = lambda out, log_std: self.kl(self.head(out, log_std), curvature=True).sum()  # noqa: E731
         return [*products, Curvature(self.mlp, theta, self.curvature_valid.obs, kl, False, self.scratch)]
 
-    def loss_kl(self, theta: torch.Tensor) -> tuple[float, float]:
-        """``losses.surrogate_loss`` and the KL at the parameters adapted from ``theta``."""
+    def hvp(self, theta: np.ndarray, v: torch.Tensor) -> torch.Tensor:
+        """Each task's J^T F J v at ``theta`` (theta_old), [tasks, P]; the products are built at the
+        first call and reused while theta stays the same (the conjugate-gradient rounds)."""
+        if self.products is None or not np.array_equal(self.products_at, theta):
+            self.products, self.products_at = self.build(torch.from_numpy(np.array(theta))), np.array(theta)
+        return jtfj(self.products, self.lr, v.to(self.valid.obs.dtype).expand(self.tasks, -1))
+
+    def loss_kl(self, theta: torch.Tensor) -> torch.Tensor:
+        """Each task's ``losses.surrogate_loss`` and KL at the parameters adapted from ``theta``, [tasks, 2]."""
+        theta = self._theta(theta)
         for rows in self.inner:
             theta = theta - self.lr * gradient(self.mlp, theta, rows.obs, self.pg_loss(rows), self.scratch)
         layers, log_std = self.mlp.split(theta)
         dist = self.head(self.mlp.forward(layers, self.valid.obs, self.scratch)[-1], log_std)
         v = self.valid
-        loss = -(v.weights * torch.exp(dist.log_prob(v.actions) - v.log_probs) * v.advantages).sum()
-        return float(loss), float(self.kl(dist))
+        loss = -(v.weights * torch.exp(dist.log_prob(v.actions) - v.log_probs) * v.advantages).sum(1)
+        return torch.stack([loss, self.kl(dist)], 1)
+
+
+def jtfj(products: list, lr: float, v: torch.Tensor) -> torch.Tensor:
+    """J^T F J v from the inner losses' Hessians H_k and the Fisher F (``products``, in that order):
+    J = (I - lr H_K) ... (I - lr H_1), and J^T applies the same factors in reverse."""
+    *hessians, fisher = products
+    for h in hessians:  # J v
+        v = v - lr * h.hvp(v)
+    v = fisher.hvp(v)
+    for h in reversed(hessians):  # J^T (F J v)
+        v = v - lr * h.hvp(v)
+    return v

@@ -8,6 +8,7 @@ no trajectory travels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -19,7 +20,7 @@ from torch.distributions import Distribution
 
 from metaray.algorithms.adapt import adapt, leaf_params
 from metaray.algorithms.base import Algorithm, OuterContext
-from metaray.algorithms.curvature import MLPProducts, Scratch, supports
+from metaray.algorithms.curvature import MLPProducts, Scratch, TaskBatches, jtfj, supports
 from metaray.algorithms.losses import PolicyGradientLoss, mean_kl, surrogate_loss
 from metaray.core.policy import Params, Policy, unflatten
 from metaray.core.rollout import Episodes
@@ -126,14 +127,27 @@ class TRPOTask:
     def __init__(self, policy: Policy, template: Params, inner: list[LossFn], lr: float, valid: Episodes,
                  phi: Params, scratch: Scratch | None = None, subsample: int = 1) -> None:
         self.policy, self.template, self.inner, self.lr, self.valid = policy, template, inner, lr, valid
-        self.phi, self.dtype = phi, next(iter(template.values())).dtype
+        self.phi, self.dtype, self.scratch = phi, next(iter(template.values())).dtype, scratch or Scratch()
         self.curvature_inner = [replace(f, episodes=f.episodes.every(subsample))
                                 if isinstance(f, PolicyGradientLoss) else f for f in inner]
         self.curvature_valid = valid.every(subsample)
-        fast = supports(policy) and all(isinstance(f, PolicyGradientLoss) and f.policy is policy for f in inner)
-        self.fast = MLPProducts(policy, template, [f.episodes for f in inner], lr, valid, phi, scratch or Scratch(),
-                                ([f.episodes for f in self.curvature_inner], self.curvature_valid)) if fast else None
-        self.products: list[Product] | None = None  # inner-loss Hessians, then the Fisher at phi
+        self.handwritten = supports(policy) and all(isinstance(f, PolicyGradientLoss) and f.policy is policy
+                                                    for f in inner)
+        self.graphs: list[Product] | None = None  # the autograd path's inner-loss Hessians, then the Fisher
+        self.group: MLPProducts | None = None  # the products of the task group this task was answered in
+        self.slot = -1  # and its place there
+
+    @property
+    def batches(self) -> TaskBatches:
+        return TaskBatches([f.episodes for f in self.inner], self.valid, self.phi,
+                           [f.episodes for f in self.curvature_inner], self.curvature_valid)
+
+    @cached_property
+    def fast(self) -> MLPProducts | None:
+        """This task's hand-written products alone (None: the autograd path)."""
+        if not self.handwritten:
+            return None
+        return MLPProducts(self.policy, self.template, self.lr, [self.batches], self.scratch)
 
     @cached_property
     def old_dist(self) -> Distribution:
@@ -175,17 +189,11 @@ class TRPOTask:
         J^T F_s J by lr^2 E[dH F_s dH] (positive semi-definite): the step it scales to max_kl
         is, if anything, shorter than the exact one.
         """
-        if self.products is None:  # built once per task and iteration, at theta_old
-            theta = self._flat(flat_params)
-            self.products = self.fast.products(theta) if self.fast is not None else self._graphs(theta)
-        *hessians, fisher = self.products
-        v = self._flat(vector)
-        for h in hessians:  # J v
-            v = v - self.lr * h.hvp(v)
-        v = fisher.hvp(v)
-        for h in reversed(hessians):  # J^T (F J v)
-            v = v - self.lr * h.hvp(v)
-        return v.detach().numpy()
+        if self.fast is not None:
+            return self.fast.hvp(flat_params, torch.tensor(np.asarray(vector)))[0].detach().numpy()
+        if self.graphs is None:  # built once per task and iteration, at theta_old
+            self.graphs = self._graphs(self._flat(flat_params))
+        return jtfj(self.graphs, self.lr, self._flat(vector)).detach().numpy()
 
     def _graphs(self, theta: torch.Tensor) -> list[Product]:
         """The autograd products: gradients kept with their graphs, each step of the adaptation taken
@@ -204,7 +212,8 @@ class TRPOTask:
         """Surrogate loss and KL at candidate meta-parameters, on the kept episodes."""
         if self.fast is not None:
             with torch.no_grad():
-                return self.fast.loss_kl(self._flat(flat_params))
+                loss, kl = self.fast.loss_kl(self._flat(flat_params))[0].tolist()
+            return loss, kl
         phi = self.adapted(leaf_params(unflatten(self._flat(flat_params), self.template)), create_graph=False)
         with torch.no_grad():
             loss = surrogate_loss(self.policy, phi, self.valid, self.valid.log_probs)
@@ -249,6 +258,24 @@ class TRPOOuter(Algorithm):
 
     def answer(self, kept: TRPOTask, request: str, *args: np.ndarray) -> Any:
         return kept.answer(request, *args)
+
+    def answer_sum(self, kept: list[Any], request: str, *args: np.ndarray) -> np.ndarray:
+        """A task group's products and line-search losses computed together, one batched product per
+        layer for all its tasks (the group is the unit: its sum does not depend on the worker)."""
+        if request not in ("hvp", "loss_kl") or not all(isinstance(k, TRPOTask) and k.handwritten for k in kept):
+            return super().answer_sum(kept, request, *args)
+        group = kept[0].group
+        if group is None or group.tasks != len(kept) or any(k.group is not group or k.slot != t
+                                                            for t, k in enumerate(kept)):
+            group = MLPProducts(self.policy, self.template, self.lr, [k.batches for k in kept], self.scratch)
+            for t, k in enumerate(kept):
+                k.group, k.slot = group, t
+        if request == "hvp":
+            each = group.hvp(args[0], torch.tensor(np.asarray(args[1]))).detach().numpy()
+        else:
+            with torch.no_grad():
+                each = group.loss_kl(torch.tensor(np.asarray(args[0]))).numpy().astype(np.float64)
+        return functools.reduce(np.add, each)  # in task order, as the per-task answers are summed
 
     def outer_step(self, outer: OuterContext, mean: torch.Tensor) -> dict[str, Any]:
         if self.config.outer.optimizer == "trpo":

@@ -171,7 +171,7 @@ def _matmul_gflops(rows: int, width: int, repeats: int = 30) -> float:
 
 def trpo_products(config: Config, tasks: int, repeats: int = 10) -> dict[str, Any]:
     """What one conjugate-gradient round and one line-search round cost a worker holding
-    ``tasks`` tasks (in process, no Ray), against their arithmetic floor: the FLOPs of the
+    ``tasks`` tasks, a group's computed together (in process, no Ray), against their arithmetic floor: the FLOPs of the
     matrix products an exact product needs at minimum (R-op: 3 per layer forward and back
     for each inner Hessian, Gauss-Newton Fisher: 2 per layer, the first layer's input
     terms dropped), at the rate this core reaches on the largest layer's shape."""
@@ -182,11 +182,13 @@ def trpo_products(config: Config, tasks: int, repeats: int = 10) -> dict[str, An
     jobs = [(i, task, np.random.SeedSequence(i)) for i, task in enumerate(runner.family.sample_tasks(tasks, rng))]
     v = rng.standard_normal(flat.size).astype(np.float32)
     candidate = flat + 1e-3 * v
+    size = config.rollout.task_group_size
+    groups = [list(range(start, min(start + size, tasks))) for start in range(0, tasks, size)]
     for iteration in (0, 1):  # the first iteration warms up (allocations, first calls); measure the second
         runner.run_tasks(flat, jobs, iteration)
-        hvp = lambda it=iteration: [runner.answer(it, i, "hvp", flat, v) for i in range(tasks)]  # noqa: E731
+        hvp = lambda it=iteration: [runner.answer_sum(it, g, "hvp", flat, v) for g in groups]  # noqa: E731
         first = _best_s(hvp, 1)  # builds what the later rounds reuse
-    loss_kl = lambda: [runner.answer(1, i, "loss_kl", candidate) for i in range(tasks)]  # noqa: E731
+    loss_kl = lambda: [runner.answer_sum(1, g, "loss_kl", candidate) for g in groups]  # noqa: E731
     cg_round, ls_round = _best_s(hvp, repeats), _best_s(loss_kl, repeats)
     samples = config.rollout.horizon * config.inner.episodes
     shapes = [(m.in_features, m.out_features) for m in runner.policy.modules() if isinstance(m, torch.nn.Linear)]

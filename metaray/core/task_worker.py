@@ -214,13 +214,20 @@ class TaskWorker:
             self._kept[(iteration, task_index)] = update.kept
         return update.vector.detach(), float(update.loss)
 
-    def answer(self, iteration: int, task_index: int, request: str, *args: np.ndarray) -> Any:
-        """The algorithm's answer to a learner-half request about a task this worker kept."""
+    def _kept_state(self, iteration: int, task_index: int) -> Any:
         try:
-            kept = self._kept[(iteration, task_index)]
+            return self._kept[(iteration, task_index)]
         except KeyError:
             raise LostTaskStateError(f"no episodes kept for task {task_index} of iteration {iteration}") from None
-        return self.algorithm.answer(kept, request, *args)
+
+    def answer(self, iteration: int, task_index: int, request: str, *args: np.ndarray) -> Any:
+        """The algorithm's answer to a learner-half request about a task this worker kept."""
+        return self.algorithm.answer(self._kept_state(iteration, task_index), request, *args)
+
+    def answer_sum(self, iteration: int, task_indices: list[int], request: str, *args: np.ndarray) -> np.ndarray:
+        """The in-order sum of the answers about a task group's tasks (computed together where the
+        algorithm can)."""
+        return self.algorithm.answer_sum([self._kept_state(iteration, i) for i in task_indices], request, *args)
 
     # -- evaluation ------------------------------------------------------------------------------
 

@@ -87,12 +87,10 @@ class Worker:
                     *args: np.ndarray) -> dict[int, np.ndarray]:
         """The answers (arrays of one shape) as one in-order sum per task group: what goes back is a
         vector per group, not per task, and the sums do not depend on which worker holds a group."""
-        sums: dict[int, np.ndarray] = {}
+        groups: dict[int, list[int]] = {}
         for i in task_indices:
-            value = np.asarray(self.runner.answer(iteration, i, request, *args))
-            group = i // self.config.rollout.task_group_size
-            sums[group] = sums[group] + value if group in sums else value
-        return sums
+            groups.setdefault(i // self.config.rollout.task_group_size, []).append(i)
+        return {g: np.asarray(self.runner.answer_sum(iteration, idx, request, *args)) for g, idx in groups.items()}
 
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
                  seed: int) -> tuple[list[float], list[int]]:
