@@ -2,7 +2,8 @@
 
 For each torch thread count given, every family/algorithm of CASES runs the same 7 tasks as
 1, 2 and 3 workers would get them (the learner's own split into whole groups, a fresh
-TaskWorker per worker), plus each group alone (a failover re-run), and prints one JSON line:
+TaskWorker per worker), plus each group alone (a failover re-run), TRPO's answers per group
+included, and prints one JSON line:
 {"capability": ..., "threads": {t: {case: {arrangement: sha256 of every result}}}}.
 """
 
@@ -24,16 +25,35 @@ from metaray.runtime.learner import split_calls, task_groups
 CASES = {"navigation2d-maml": ["task.family=navigation2d", "algorithm=maml"],
          "cartpole-reptile": ["task.family=cartpole", "algorithm=reptile", "outer.optimizer=sgd",
                               "outer.reptile.post_batch=true"],
-         "bandit-fomaml": ["task.family=bandit", "algorithm=fomaml"]}
+         "bandit-fomaml": ["task.family=bandit", "algorithm=fomaml"],
+         # TRPO's worker half: each group's products and line-search losses, computed together
+         "cartpole-maml-trpo-minibatch": ["task.family=cartpole", "algorithm=maml", "outer.optimizer=trpo",
+                                          "outer.trpo.curvature_subsample=2"]}
 TASKS, ITERATION = 7, 3
 
 
-def _digest(results) -> str:
+def _digest(results, answers: dict[int, list[np.ndarray]]) -> str:
     h = hashlib.sha256()
     for r in sorted(results, key=lambda r: r.task_index):
         h.update(np.ascontiguousarray(r.vector).tobytes())
         h.update(np.array([r.pre_return, r.post_return, r.outer_loss, r.env_steps], dtype=np.float64).tobytes())
+    for group in sorted(answers):
+        for answer in answers[group]:
+            h.update(np.ascontiguousarray(answer).tobytes())
     return h.hexdigest()
+
+
+def _run(cfg, flat: np.ndarray, jobs: dict, groups: list[list[int]], call: list[int], results: list,
+         answers: dict[int, list[np.ndarray]]) -> None:
+    """One worker's call; for TRPO, then its groups' answers to a product and a line-search request."""
+    worker = TaskWorker(cfg)
+    results += worker.run_tasks(flat, [jobs[i] for i in call], ITERATION)
+    if cfg.outer.optimizer != "trpo":
+        return
+    v = np.random.default_rng(0).standard_normal(flat.size).astype(np.float32)
+    for group in (g for g in groups if g[0] in call):
+        answers[group[0]] = [worker.answer_sum(ITERATION, group, "hvp", flat, v),
+                             worker.answer_sum(ITERATION, group, "loss_kl", flat + 0.01 * v)]
 
 
 def run_case(overrides: list[str]) -> dict[str, str]:
@@ -46,12 +66,14 @@ def run_case(overrides: list[str]) -> dict[str, str]:
     groups = task_groups(TASKS, cfg.rollout.task_group_size)
     out = {}
     for workers in (1, 2, 3):
-        results = []
+        results, answers = [], {}
         for call in split_calls(groups, workers, batch_tasks=True):
-            results += TaskWorker(cfg).run_tasks(flat, [jobs[i] for i in call], ITERATION)
-        out[f"{workers} workers"] = _digest(results)
-    alone = [r for g in groups for r in TaskWorker(cfg).run_tasks(flat, [jobs[i] for i in g], ITERATION)]
-    out["each group alone"] = _digest(alone)
+            _run(cfg, flat, jobs, groups, call, results, answers)
+        out[f"{workers} workers"] = _digest(results, answers)
+    results, answers = [], {}
+    for group in groups:
+        _run(cfg, flat, jobs, groups, group, results, answers)
+    out["each group alone"] = _digest(results, answers)
     return out
 
 

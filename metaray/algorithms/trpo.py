@@ -8,10 +8,9 @@ no trajectory travels.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, reduce
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -120,7 +119,8 @@ class TRPOTask:
     other than ``pg_loss`` is used whole), at the points the whole batches give. For the
     built-in MLP policy with ``pg_loss`` inner steps the products and losses are hand-written
     (:mod:`.curvature`, about twice as fast), their temporaries in ``scratch`` (one for all the
-    tasks of a worker, which answers one request at a time); anything else goes through
+    tasks of a worker, which answers one request at a time), and a worker computes a task
+    group's together (:meth:`TRPOOuter.answer_sum`, ``group``); anything else goes through
     autograd, the tests' reference.
     """
 
@@ -267,7 +267,8 @@ class TRPOOuter(Algorithm):
         group = kept[0].group
         if group is None or group.tasks != len(kept) or any(k.group is not group or k.slot != t
                                                             for t, k in enumerate(kept)):
-            group = MLPProducts(self.policy, self.template, self.lr, [k.batches for k in kept], self.scratch)
+            first = kept[0]
+            group = MLPProducts(first.policy, first.template, first.lr, [k.batches for k in kept], first.scratch)
             for t, k in enumerate(kept):
                 k.group, k.slot = group, t
         if request == "hvp":
@@ -275,7 +276,7 @@ class TRPOOuter(Algorithm):
         else:
             with torch.no_grad():
                 each = group.loss_kl(torch.tensor(np.asarray(args[0]))).numpy().astype(np.float64)
-        return functools.reduce(np.add, each)  # in task order, as the per-task answers are summed
+        return reduce(np.add, each)  # in task order, as the per-task answers are summed
 
     def outer_step(self, outer: OuterContext, mean: torch.Tensor) -> dict[str, Any]:
         if self.config.outer.optimizer == "trpo":
