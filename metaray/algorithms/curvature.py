@@ -353,7 +353,7 @@ class MLPProducts:
     def hvp(self, theta: np.ndarray, v: torch.Tensor) -> torch.Tensor:
         """Each task's J^T F J v at ``theta`` (theta_old), [tasks, P]; the products are built at the
         first call and reused while theta stays the same (the conjugate-gradient rounds)."""
-        if self.products is None or not np.array_equal(self.products_at, theta):
+        if self.products is None or not np.array_equal(self.products_at, theta, equal_nan=True):
             self.products, self.products_at = self.build(torch.from_numpy(np.array(theta))), np.array(theta)
         return jtfj(self.products, self.lr, v.to(self.valid.obs.dtype).expand(self.tasks, -1))
 
@@ -365,7 +365,10 @@ class MLPProducts:
         layers, log_std = self.mlp.split(theta)
         dist = self.head(self.mlp.forward(layers, self.valid.obs, self.scratch)[-1], log_std)
         v = self.valid
-        loss = -(v.weights * torch.exp(dist.log_prob(v.actions) - v.log_probs) * v.advantages).sum(1)
+        # A padding row's log_prob (of action 0) is not a sampled action's: kept out of exp (it could
+        # overflow where the std is tiny, and 0 * inf would poison the sum).
+        log_ratio = torch.where(v.weights > 0, dist.log_prob(v.actions) - v.log_probs, 0.0)
+        loss = -(v.weights * torch.exp(log_ratio) * v.advantages).sum(1)
         return torch.stack([loss, self.kl(dist)], 1)
 
 
