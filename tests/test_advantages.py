@@ -181,6 +181,20 @@ def test_fit_baseline_ignores_padding():
     torch.testing.assert_close(fit_baseline(junk, 0.99), fit_baseline(clean, 0.99), rtol=1e-9, atol=1e-9)
 
 
+def test_fit_baseline_does_not_depend_on_what_memory_held_before():
+    """The same batch, the same bits, whatever the allocator hands back: freed blocks of nonzero
+    integers (what an uninitialised pivot array would read) between fits. torch's default CPU
+    lstsq driver (gelsy) fails this (14-25 different solutions in 200 fits, measured); the
+    features include t, t^2, t^3 and obs^2, so the system is ill-conditioned and pivots matter."""
+    eps = make_episodes(7)
+    first = fit_baseline(eps, 0.99)
+    for fill in range(200):
+        held = [torch.full((int(size),), fill % 7 + 1, dtype=dtype)
+                for size in (4, 8, 9, 16, 64) for dtype in (torch.int32, torch.int64)]
+        del held
+        assert torch.equal(fit_baseline(eps, 0.99), first), f"fit {fill} differs"
+
+
 def test_fit_baseline_nan_for_non_finite_rewards():
     eps = make_episodes(6)
     eps.rewards[2, 0] = float("nan")

@@ -45,7 +45,11 @@ def fit_baseline(episodes: Episodes, gamma: float) -> torch.Tensor:
     eye = torch.eye(xtx.shape[0], dtype=torch.float64)
     reg = 1e-5
     for _ in range(5):
-        weights = torch.linalg.lstsq(xtx + reg * eye, xty).solution
+        # gelsd (SVD), numpy's and so the reference code's driver. Not torch's CPU default gelsy:
+        # its column pivoting reads a pivot array torch leaves uninitialised, so its result
+        # changed with whatever the allocator handed back (measured: 6 different solutions for
+        # one system in 200 calls, and training runs of one config and seed that diverged).
+        weights = torch.linalg.lstsq(xtx + reg * eye, xty, driver="gelsd").solution
         if torch.isfinite(weights).all():
             break
         reg *= 10
