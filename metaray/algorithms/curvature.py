@@ -52,7 +52,7 @@ def supports(policy: nn.Module) -> bool:
 
 
 class Scratch:
-    """Buffers reused from call to call, by name, for results used only within a call. A fresh
+    """Buffers reused from call to call, by name and dtype, for results used only within a call. A fresh
     [2000, 64] float32 tensor costs about what the arithmetic on it costs: blocks that size go back
     to the OS when freed, and each new one is page-faulted in again (measured: the products 2-3x
     slower with fresh tensors). A name's buffer is one flat block kept at the largest size asked
