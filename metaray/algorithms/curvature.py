@@ -354,7 +354,8 @@ class MLPProducts:
         """Each task's J^T F J v at ``theta`` (theta_old), [tasks, P]; the products are built at the
         first call and reused while theta stays the same (the conjugate-gradient rounds)."""
         if self.products is None or not np.array_equal(self.products_at, theta, equal_nan=True):
-            self.products, self.products_at = self.build(torch.from_numpy(np.array(theta))), np.array(theta)
+            self.products_at = np.array(theta)  # a copy: the caller's array may be reused
+            self.products = self.build(torch.from_numpy(self.products_at))
         return jtfj(self.products, self.lr, v.to(self.valid.obs.dtype).expand(self.tasks, -1))
 
     def loss_kl(self, theta: torch.Tensor) -> torch.Tensor:

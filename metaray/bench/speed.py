@@ -15,6 +15,7 @@ import torch
 from metaray.config import Config
 from metaray.core.policy import flatten
 from metaray.core.task_worker import Batch, TaskWorker
+from metaray.runtime.learner import task_groups
 from metaray.training.run_dir import RunDir
 
 
@@ -182,8 +183,7 @@ def trpo_products(config: Config, tasks: int, repeats: int = 10) -> dict[str, An
     jobs = [(i, task, np.random.SeedSequence(i)) for i, task in enumerate(runner.family.sample_tasks(tasks, rng))]
     v = rng.standard_normal(flat.size).astype(np.float32)
     candidate = flat + 1e-3 * v
-    size = config.rollout.task_group_size
-    groups = [list(range(start, min(start + size, tasks))) for start in range(0, tasks, size)]
+    groups = task_groups(tasks, config.rollout.task_group_size)
     for iteration in (0, 1):  # the first iteration warms up (allocations, first calls); measure the second
         runner.run_tasks(flat, jobs, iteration)
         hvp = lambda it=iteration: [runner.answer_sum(it, g, "hvp", flat, v) for g in groups]  # noqa: E731

@@ -89,7 +89,7 @@ class Worker:
         vector per group, not per task, and the sums do not depend on which worker holds a group."""
         groups: dict[int, list[int]] = {}
         for i in task_indices:
-            groups.setdefault(i // self.config.rollout.task_group_size, []).append(i)
+            groups.setdefault(self.runner.group_of(i), []).append(i)
         return {g: np.asarray(self.runner.answer_sum(iteration, idx, request, *args)) for g, idx in groups.items()}
 
     def evaluate(self, flat_params: np.ndarray, task: Task, task_index: int, steps: int,
