@@ -61,10 +61,11 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("navigation2d", 0),
-                                          ("cartpole", 1), ("cartpole", 2), ("cartpole", 0)])
+                                          ("cartpole", 1), ("cartpole", 2), ("cartpole", 0), ("bandit", 1)])
 def test_fast_products_equal_the_autograd_ones_in_float64(family, steps, activation):
     """J^T F J v for 0 (pretrain), 1 and 2 inner steps, Gaussian and Categorical, tanh and relu;
-    the surrogate loss and KL of the line search at a candidate off theta_old."""
+    the surrogate loss and KL of the line search at a candidate off theta_old. Navigation's and
+    cartpole's output layers (2 wide) are computed transposed, the bandit's (5 arms) is not."""
     fast, slow, flat = _pair(family, activation, steps, torch.float64)
     assert fast.fast is not None
     if family == "cartpole":
@@ -91,7 +92,7 @@ def test_fast_products_in_float32_are_within_rounding_of_the_autograd_ones(famil
 
 @pytest.mark.parametrize("subsample", [1, 2])
 @pytest.mark.parametrize("family,steps", [("navigation2d", 1), ("navigation2d", 2), ("navigation2d", 0),
-                                          ("cartpole", 1), ("cartpole", 2)])
+                                          ("cartpole", 1), ("cartpole", 2), ("bandit", 1)])
 def test_a_task_group_computed_together_equals_its_tasks_one_by_one(family, steps, subsample):
     """A worker computes a group's products in one batched pass, each task's rows padded to the
     longest with rows of weight zero (cartpole's episodes end at different steps, and one episode

@@ -120,10 +120,25 @@ class MLP:
         body's output."""
         hs = [obs]
         for k, (w, b) in enumerate(layers):
-            a = torch.baddbmm(b.unsqueeze(1), hs[-1], w.transpose(1, 2),
-                              out=_out(scratch, f"a{k}", (*obs.shape[:2], w.shape[1]), obs.dtype))
+            a = _affine(hs[-1], w, b, lambda shape, k=k: _out(scratch, f"a{k}", shape, obs.dtype))
             hs.append(a if k == len(layers) - 1 else self.activate_(a))
         return hs
+
+
+NARROW = 2
+"""Outputs up to this wide are computed transposed, [tasks, out, rows]: BLAS is slow at a product whose
+last dimension is that narrow ([2000, 64] @ [64, 2]: 2.4x slower than [2, 64] @ [64, 2000]; no gain
+from 4 outputs on)."""
+
+
+def _affine(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+            out: Callable[[tuple[int, ...]], torch.Tensor | None]) -> torch.Tensor:
+    """h W^T + b for each task, [tasks, rows, out] (a transposed view where out <= NARROW), written
+    where ``out(shape)`` says."""
+    (tasks, rows, _), width = h.shape, w.shape[1]
+    if width <= NARROW:
+        return torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2), out=out((tasks, width, rows))).transpose(1, 2)
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2), out=out((tasks, rows, width)))
 
 
 def _outer(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -222,9 +237,10 @@ class Curvature:
         last, (tasks, rows), dtype = len(self.layers) - 1, self.hs[0].shape[:2], v.dtype
         ra, rh = [], [None]  # R a_l; R h_l (R of the observations: none)
         for k, ((w, _), (dw, db)) in enumerate(zip(self.layers, dlayers)):
-            a = torch.baddbmm(db.unsqueeze(1), self.hs[k], dw.transpose(1, 2),
-                              out=self.scratch(f"ra{k}", (tasks, rows, w.shape[1]), dtype))
-            if k:
+            a = _affine(self.hs[k], dw, db, lambda shape, k=k: self.scratch(f"ra{k}", shape, dtype))
+            if k and w.shape[1] <= NARROW:
+                a.transpose(1, 2).baddbmm_(w, rh[k].transpose(1, 2))
+            elif k:
                 a.baddbmm_(rh[k], w.transpose(1, 2))
             ra.append(a)
             if k < last:
