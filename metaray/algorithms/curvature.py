@@ -144,14 +144,19 @@ from 4 outputs on)."""
 
 
 def _affine(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-            out: Callable[[tuple[int, ...]], torch.Tensor | None], scale: float = 1.0) -> torch.Tensor:
-    """scale (h W^T + b) for each task, [tasks, rows, out] (a transposed view where out <= NARROW),
-    written where ``out(shape)`` says."""
+            out: Callable[[tuple[int, ...]], torch.Tensor | None], scale: float = 1.0,
+            plus: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """scale (h W^T + b) for each task, plus h2 W2^T for ``plus`` = (h2, W2), [tasks, rows, out] (a
+    transposed view where out <= NARROW), written where ``out(shape)`` says."""
     (tasks, rows, _), width = h.shape, w.shape[1]
     if width <= NARROW:
-        return torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2), beta=scale, alpha=scale,
-                             out=out((tasks, width, rows))).transpose(1, 2)
-    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2), beta=scale, alpha=scale, out=out((tasks, rows, width)))
+        a = torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2), beta=scale, alpha=scale,
+                          out=out((tasks, width, rows)))
+        if plus is not None:
+            a.baddbmm_(plus[1], plus[0].transpose(1, 2))
+        return a.transpose(1, 2)
+    a = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2), beta=scale, alpha=scale, out=out((tasks, rows, width)))
+    return a if plus is None else a.baddbmm_(plus[0], plus[1].transpose(1, 2))
 
 
 def _outer(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -250,11 +255,8 @@ class Curvature:
         last, (tasks, rows), dtype = len(self.layers) - 1, self.hs[0].shape[:2], v.dtype
         ra, rh = [], [None]  # R a_l; R h_l (R of the observations: none)
         for k, ((w, _), (dw, db)) in enumerate(zip(self.layers, dlayers)):
-            a = _affine(self.hs[k], dw, db, lambda shape, k=k: self.scratch(f"ra{k}", shape, dtype))
-            if k and w.shape[1] <= NARROW:
-                a.transpose(1, 2).baddbmm_(w, rh[k].transpose(1, 2))
-            elif k:
-                a.baddbmm_(rh[k], w.transpose(1, 2))
+            a = _affine(self.hs[k], dw, db, lambda shape, k=k: self.scratch(f"ra{k}", shape, dtype),
+                        plus=(rh[k], w) if k else None)
             ra.append(a)
             if k < last:
                 rh.append(torch.mul(self.slopes[k], a, out=self.scratch(f"rh{k}", a.shape, dtype)))
