@@ -190,6 +190,14 @@ def test_locomotion_presets_train_a_few_iterations(preset_runs, family, algorith
     assert saved["policy"] == {"hidden_sizes": [100, 100], "activation": "relu", "init": "orthogonal",
                                "init_log_std": -1.6}
     assert saved["inner"] == {"steps": 1, "lr": 0.1, "episodes": 2} and saved["outer"]["optimizer"] == optimizer
+    # The line search's outcome is in every TRPO row: a step taken is inside the KL ball.
+    for row in RunDir(out).read_metrics():
+        if optimizer == "trpo":
+            assert 0 <= row["trpo_ls_steps"] <= saved["outer"]["trpo"]["ls_max_steps"]
+            assert row["trpo_ls_steps"] >= 1 or not row["trpo_accepted"]  # 0: no finite step to try
+            assert not row["trpo_accepted"] or 0 <= row["trpo_kl"] <= saved["outer"]["trpo"]["max_kl"]
+        else:
+            assert row["trpo_ls_steps"] is None and row["trpo_accepted"] is None
 
 
 @pytest.mark.parametrize("preset", PRESETS)

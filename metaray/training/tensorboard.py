@@ -21,6 +21,7 @@ TAGS = {
     "outer_loss": "losses/outer",
     "grad_norm": "losses/grad_norm",
     "trpo_kl": "losses/trpo_kl",
+    "trpo_ls_steps": "losses/trpo_ls_steps",
     "rejected_results": "faults/rejected_results",
     "worker_failures": "faults/worker_failures",
     "task_retries": "faults/task_retries",

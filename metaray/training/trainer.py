@@ -60,6 +60,9 @@ def iteration_row(iteration: int, out: dict[str, Any], wall_s: float, total_step
         "outer_loss": float(np.mean([t["outer_loss"] for t in kept])),
         "grad_norm": out["grad_norm"],
         "trpo_kl": out.get("trpo_kl"),
+        # the line search's candidates evaluated, and whether one was taken (TRPO only; else None)
+        "trpo_ls_steps": out.get("trpo_ls_steps"),
+        "trpo_accepted": out.get("trpo_accepted"),
         "tasks_counted": len(tasks),
         "task_indices": ",".join(str(t["task_index"]) for t in tasks),
         "rejected_results": out["rejected_results"],
