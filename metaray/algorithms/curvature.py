@@ -278,6 +278,14 @@ class Curvature:
         return self.mlp.join(grads, None if dlog_std is None else hz[:, :, outputs:].sum(1))
 
 
+def _steps(t: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """A batch's [T, N, ...] field as rows [T * N, ...], only those ``keep`` marks (None: all)."""
+    if t is None:
+        return None
+    t = t.reshape(-1, *t.shape[2:])
+    return t if keep is None else t[keep]
+
+
 @dataclass
 class Rows:
     """Each task's batch as rows [tasks, rows, ...]: a batch's padding steps dropped and the tasks'
@@ -295,10 +303,10 @@ class Rows:
         kept = []
         for episodes in batches:
             mask = episodes.mask.reshape(-1)
-            keep = mask != 0
-            rows = lambda t, keep=keep: None if t is None else t.reshape(len(keep), *t.shape[2:])[keep]  # noqa: E731
+            keep = None if bool(mask.all()) else mask != 0  # None: no padding step, nothing to index
+            rows = lambda t, keep=keep: _steps(t, keep)  # noqa: E731
             kept.append((rows(episodes.obs), rows(episodes.actions), rows(episodes.advantages),
-                         mask[keep] / mask.sum(), rows(episodes.log_probs)))
+                         rows(episodes.mask) / mask.sum(), rows(episodes.log_probs)))
         longest = max(len(k[0]) for k in kept)
 
         def stack(field: int) -> torch.Tensor | None:
