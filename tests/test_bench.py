@@ -65,6 +65,8 @@ def test_bench_writes_every_figure(quick_bench):
         assert r["worker_share_steps_per_s"] > 0 and r["worker_share_vs_limit"] == pytest.approx(
             r["worker_share_steps_per_s"] / r["mj_step_limit_steps_per_s"])
         assert r["worker_share_tasks"] == 4  # --quick: meta-batch 4 is one group of 5: one worker samples it all
+        for key in ("rollout_vs_limit_turns", "worker_share_vs_limit_turns"):
+            assert len(r[key]) == 3 and all(x > 0 for x in r[key])  # measured interleaved, three turns each
     trials = result["rollout"]["navigation2d_rl2"]
     assert trials["trial_steps_per_s"] > 0 and trials["vs_mlp_rollout"] == pytest.approx(
         trials["trial_steps_per_s"] / result["rollout"]["navigation2d"]["rollout_steps_per_s"])
@@ -83,6 +85,28 @@ def test_bench_writes_every_figure(quick_bench):
         result["reference"]["halfcheetah_vel_iteration_s"] / result["halfcheetah_vel_trpo"]["iteration_s"])
     m = result["machine"]
     assert m["cpus"] >= 1 and m["processor"] and m["memory_gib"] > 0 and result["settings"]["quick"] is True
+
+
+def test_interleaved_takes_turns_and_totals_each_meter():
+    """Meters run in rotation, each for its share of the time, and a rate is total steps over total
+    time, not a mean of the turns' rates (a turn that ran long counts for more)."""
+    from metaray.bench.speed import interleaved
+
+    calls: list[tuple[str, float]] = []
+
+    def meter(name: str, turns: list[tuple[int, float]]):
+        left = iter(turns)
+
+        def run(seconds: float) -> tuple[int, float]:
+            calls.append((name, seconds))
+            return next(left)
+        return run
+
+    out = interleaved({"a": meter("a", [(10, 1.0), (30, 1.0), (60, 2.0)]),
+                       "b": meter("b", [(5, 1.0), (5, 1.0), (5, 1.0)])}, seconds=1.5, rounds=3)
+    assert calls == [("a", 0.5), ("b", 0.5)] * 3
+    assert out["a"]["steps_per_s"] == pytest.approx(100 / 4.0) and out["b"]["steps_per_s"] == pytest.approx(5.0)
+    assert out["a"]["turns_steps_per_s"] == pytest.approx([10.0, 30.0, 30.0])
 
 
 def test_bench_renders_the_readme_block_and_nothing_else(quick_bench, tmp_path, cli):

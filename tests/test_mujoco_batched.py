@@ -16,7 +16,7 @@ from metaray.core.rollout import collect
 from metaray.core.task_worker import TaskWorker
 from metaray.tasks import make_family
 from metaray.tasks.batched import EnvList
-from metaray.tasks.mujoco_batched import BatchedLocomotion, mj_step_limit_steps_per_s
+from metaray.tasks.mujoco_batched import BatchedLocomotion, mj_step_meter
 
 
 def _policy_like_actions(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -126,5 +126,9 @@ def test_only_halfcheetah_and_ant_are_batched():
 
 
 @pytest.mark.parametrize("env_id", ["HalfCheetah-v5", "Ant-v5"])
-def test_mj_step_limit_measures(env_id):
-    assert mj_step_limit_steps_per_s(env_id, 0.05) > 0
+def test_mj_step_meter_measures(env_id):
+    """At least one whole episode a turn however short the turn, and the time it took."""
+    meter = mj_step_meter(env_id, horizon=7)
+    for _ in range(2):
+        steps, seconds = meter(0.0)
+        assert steps == 7 and seconds > 0

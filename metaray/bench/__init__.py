@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from metaray.bench.speed import (
+    classic_sampling,
     group_sampling_speed,
-    limit_steps_per_s,
+    interleaved,
     mujoco_sampling,
-    rollout_steps_per_s,
     training_speed,
     trial_steps_per_s,
     trpo_products,
@@ -28,7 +28,7 @@ from metaray.config import load_config
 from metaray.core.policy import flatten
 from metaray.core.task_worker import TaskWorker
 
-__all__ = ["group_sampling_speed", "limit_steps_per_s", "machine", "mujoco_sampling", "rollout_steps_per_s",
+__all__ = ["classic_sampling", "group_sampling_speed", "interleaved", "machine", "mujoco_sampling",
            "run_bench", "table_write_speed", "training_speed", "trial_steps_per_s", "trpo_products"]
 
 REFERENCE = {
@@ -111,9 +111,7 @@ def run_bench(iterations: int = 7, warmup: int = 2, quick: bool = False) -> dict
     }
     torch.set_num_threads(1)
     for name, cfg in (("navigation2d", maml), ("cartpole", reptile)):
-        limit, rollout = limit_steps_per_s(cfg, seconds), rollout_steps_per_s(cfg, seconds)
-        out["rollout"][name] = {"parallel_episodes": cfg.inner.episodes, "limit_steps_per_s": limit,
-                                "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit}
+        out["rollout"][name] = classic_sampling(cfg, seconds)
     out["rollout"]["halfcheetah"] = mujoco_sampling(cheetah, "HalfCheetah-v5", seconds)
     out["rollout"]["ant"] = mujoco_sampling(ant, "Ant-v5", seconds)
     trials = trial_steps_per_s(rl2, seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,38 @@ from metaray.core.task_worker import Batch, TaskWorker
 from metaray.runtime.learner import task_groups
 from metaray.training.run_dir import RunDir
 
+Meter = Callable[[float], tuple[int, float]]
+"""Measures for about ``seconds`` (at least one whole batch): (env steps done, seconds taken). Made
+once, so its set-up (envs, policy, warm caches) is outside every measurement."""
 
-def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
+
+def _run_for(seconds: float, step: Callable[[], int]) -> tuple[int, float]:
+    steps, start = 0, time.perf_counter()
+    while True:
+        steps += step()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return steps, elapsed
+
+
+def interleaved(meters: dict[str, Meter], seconds: float, rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """Each meter for ``seconds`` in all, in ``rounds`` turns taken in rotation: a shared VM's speed
+    drifts over seconds, and in rotation the drift falls on every meter alike, so their ratios
+    measure the code rather than when each ran. Per meter: the total rate and each turn's."""
+    done = {name: [] for name in meters}
+    for _ in range(rounds):
+        for name, meter in meters.items():
+            done[name].append(meter(seconds / rounds))
+    return {name: {"steps_per_s": sum(n for n, _ in turns) / sum(t for _, t in turns),
+                   "turns_steps_per_s": [n / t for n, t in turns]} for name, turns in done.items()}
+
+
+def _ratios(figures: dict[str, dict[str, Any]], of: str, to: str) -> list[float]:
+    """Turn by turn, ``of``'s rate over ``to``'s (the spread the total ratio hides)."""
+    return [a / b for a, b in zip(figures[of]["turns_steps_per_s"], figures[to]["turns_steps_per_s"])]
+
+
+def limit_meter(config: Config) -> Meter:
     """Batched dynamics plus one batched policy forward and action draw per step: no
     learning, no buffers, no Ray. Nothing the rollout does could be faster than this."""
     runner = TaskWorker(config)
@@ -30,38 +61,50 @@ def limit_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     std = None if spec.discrete else runner.template["log_std"].exp()
     gen = torch.Generator().manual_seed(0)
     n, horizon = env.num_envs, config.rollout.horizon
-    steps, start = 0, time.perf_counter()
-    with torch.no_grad():
-        while time.perf_counter() - start < seconds:
-            obs = spec.encode_obs(env.reset(list(range(n))))
-            alive = np.ones(n, dtype=bool)
-            for _ in range(horizon):
-                out = forward(torch.from_numpy(obs).unsqueeze(0))[0]
-                if spec.discrete:
-                    action = torch.multinomial(torch.softmax(out, -1), 1, generator=gen).squeeze(-1).numpy()
-                else:
-                    action = (out + std * torch.randn(out.shape, generator=gen)).numpy()
-                raw, _, done = env.step(action, alive)
-                steps += int(alive.sum())
-                alive &= ~done
-                obs = spec.encode_obs(raw)
-                if not alive.any():
-                    break
-    return steps / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def episodes() -> int:
+        steps = 0
+        obs = spec.encode_obs(env.reset(list(range(n))))
+        alive = np.ones(n, dtype=bool)
+        for _ in range(horizon):
+            out = forward(torch.from_numpy(obs).unsqueeze(0))[0]
+            if spec.discrete:
+                action = torch.multinomial(torch.softmax(out, -1), 1, generator=gen).squeeze(-1).numpy()
+            else:
+                action = (out + std * torch.randn(out.shape, generator=gen)).numpy()
+            raw, _, done = env.step(action, alive)
+            steps += int(alive.sum())
+            alive &= ~done
+            obs = spec.encode_obs(raw)
+            if not alive.any():
+                break
+        return steps
+
+    return lambda seconds: _run_for(seconds, episodes)
 
 
-def rollout_steps_per_s(config: Config, seconds: float = 2.0) -> float:
+def rollout_meter(config: Config) -> Meter:
     """The worker's real sampling path (episodes, buffers, baseline, advantages), no Ray."""
     runner = TaskWorker(config)
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     env = runner.make_envs(task)
     rng = np.random.default_rng(0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batch = Batch(env, rng)
-        runner.sample([runner.template], [batch])
-        steps += batch.episodes.steps
-    return steps / (time.perf_counter() - start)
+
+    def batch() -> int:
+        b = Batch(env, rng)
+        runner.sample([runner.template], [b])
+        return b.episodes.steps
+
+    return lambda seconds: _run_for(seconds, batch)
+
+
+def classic_sampling(config: Config, seconds: float = 2.0) -> dict[str, Any]:
+    """The worker's sampling path on a classic family against its limit, measured interleaved."""
+    f = interleaved({"limit": limit_meter(config), "rollout": rollout_meter(config)}, seconds)
+    limit, rollout = f["limit"]["steps_per_s"], f["rollout"]["steps_per_s"]
+    return {"parallel_episodes": config.inner.episodes, "limit_steps_per_s": limit, "rollout_steps_per_s": rollout,
+            "rollout_vs_limit": rollout / limit, "rollout_vs_limit_turns": _ratios(f, "rollout", "limit")}
 
 
 def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
@@ -72,36 +115,40 @@ def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     runner = TaskWorker(config)
     task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
     flat, rng = flatten(runner.template).numpy(), np.random.default_rng(0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        (trials,), _ = sample_trials(runner, flat, [(0, task, rng)], config.rl2.episodes_per_trial)
-        steps += trials.steps
-    return steps / (time.perf_counter() - start)
+
+    def trials() -> int:
+        (done,), _ = sample_trials(runner, flat, [(0, task, rng)], config.rl2.episodes_per_trial)
+        return done.steps
+
+    steps, elapsed = _run_for(seconds, trials)
+    return steps / elapsed
 
 
-def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0, only: str | None = None) -> dict[str, Any]:
-    """The cost of fixed sampling groups (see README, Reproducibility): one worker's share of
-    ``tasks`` tasks sampled together, with every task in one policy forward per step (how
-    earlier versions sampled, results depending on the share), in groups of the config's
-    ``rollout.task_group_size``, and one task per forward (``only``: just that one). No Ray."""
+def group_meter(config: Config, tasks: int, size: int) -> Meter:
+    """One worker's share of ``tasks`` tasks sampled with ``size`` tasks in each policy forward."""
     runner = TaskWorker(config)
     jobs = [(task, np.random.default_rng(i)) for i, task in
             enumerate(runner.family.sample_tasks(tasks, np.random.default_rng(0)))]
     envs = [runner.make_envs(task) for task, _ in jobs]
-    out: dict[str, Any] = {"tasks": tasks, "parallel_episodes": config.inner.episodes}
+
+    def share() -> int:
+        batches = [Batch(env, rng, i // size) for i, (env, (_, rng)) in enumerate(zip(envs, jobs))]
+        runner.sample([runner.template] * tasks, batches)
+        return sum(b.episodes.steps for b in batches)
+
+    return lambda seconds: _run_for(seconds, share)
+
+
+def group_sampling_speed(config: Config, tasks: int, seconds: float = 2.0) -> dict[str, Any]:
+    """The cost of fixed sampling groups (see README, Reproducibility): one worker's share of
+    ``tasks`` tasks sampled together, with every task in one policy forward per step (how
+    earlier versions sampled, results depending on the share), in groups of the config's
+    ``rollout.task_group_size``, and one task per forward. No Ray."""
     sizes = {"one_forward_for_all": tasks, "task_group_size": config.rollout.task_group_size, "one_task_per_forward": 1}
-    for name, size in sizes.items():
-        if only is not None and name != only:
-            continue
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            batches = [Batch(env, rng, i // size) for i, (env, (_, rng)) in enumerate(zip(envs, jobs))]
-            runner.sample([runner.template] * tasks, batches)
-            steps += sum(b.episodes.steps for b in batches)
-        out[f"{name}_steps_per_s"] = steps / (time.perf_counter() - start)
+    f = interleaved({name: group_meter(config, tasks, size) for name, size in sizes.items()}, seconds)
+    out: dict[str, Any] = {"tasks": tasks, "parallel_episodes": config.inner.episodes}
+    out.update({f"{name}_steps_per_s": f[name]["steps_per_s"] for name in sizes})
     out["task_group_size"] = config.rollout.task_group_size
-    if only is not None:
-        return out
     out["groups_vs_one_forward"] = out["task_group_size_steps_per_s"] / out["one_forward_for_all_steps_per_s"]
     return out
 
@@ -138,21 +185,24 @@ def training_speed(config: Config, iterations: int, warmup: int) -> dict[str, An
 
 def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[str, Any]:
     """The worker's sampling path on a MuJoCo family against the physics alone: a plain
-    ``mj_step`` loop on one core with the env's frame skip (no observation, reward or policy)."""
-    from metaray.runtime.learner import split_calls, task_groups
-    from metaray.tasks.mujoco_batched import mj_step_limit_steps_per_s
+    ``mj_step`` loop on one core with the env's frame skip (no observation, reward or policy),
+    measured interleaved."""
+    from metaray.runtime.learner import split_calls
+    from metaray.tasks.mujoco_batched import mj_step_meter
 
-    limit = mj_step_limit_steps_per_s(env_id, seconds, horizon=config.rollout.horizon)
-    rollout = rollout_steps_per_s(config, seconds)
     groups = task_groups(config.outer.meta_batch_size, config.rollout.task_group_size)
     share = max(map(len, split_calls(groups, config.resources.num_workers, config.resources.batch_tasks)))
-    worker = group_sampling_speed(config, share, seconds, only="task_group_size")["task_group_size_steps_per_s"]
+    f = interleaved({"limit": mj_step_meter(env_id, horizon=config.rollout.horizon), "rollout": rollout_meter(config),
+                     # As training samples: a worker's share of the meta-batch stepped together, a policy
+                     # forward per task group (one task alone pays a whole forward per step by itself).
+                     "share": group_meter(config, share, config.rollout.task_group_size)}, seconds)
+    limit, rollout, worker = (f[k]["steps_per_s"] for k in ("limit", "rollout", "share"))
     return {"env": env_id, "parallel_episodes": config.inner.episodes, "mj_step_limit_steps_per_s": limit,
             "rollout_steps_per_s": rollout, "rollout_vs_limit": rollout / limit,
-            # As training samples: a worker's share of the meta-batch stepped together, a policy
-            # forward per task group (one task alone pays a whole forward per step by itself).
+            "rollout_vs_limit_turns": _ratios(f, "rollout", "limit"),
             "worker_share_tasks": share, "task_group_size": config.rollout.task_group_size,
-            "worker_share_steps_per_s": worker, "worker_share_vs_limit": worker / limit}
+            "worker_share_steps_per_s": worker, "worker_share_vs_limit": worker / limit,
+            "worker_share_vs_limit_turns": _ratios(f, "share", "limit")}
 
 
 def _best_s(fn: Any, repeats: int) -> float:
