@@ -3,6 +3,7 @@ the README's Performance block rendered from it, nothing else in the README touc
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -123,6 +124,16 @@ def test_bench_renders_the_readme_block_and_nothing_else(quick_bench, tmp_path, 
     (proc,) = cli(("bench", "--from", str(out), "--readme", str(again)))
     assert proc.returncode == 0, proc.stderr
     assert again.read_text(encoding="utf-8") == text
+    hc = result["rollout"]["halfcheetah"]
+    assert f"{hc['rollout_vs_limit']:.2f} ({min(hc['rollout_vs_limit_turns']):.2f}–" in block
+    assert "measured in turns, 3 each" in block
+    # A bench.json from before the samplers were measured in turns still renders, without the ranges.
+    old = copy.deepcopy(result)
+    for figures in old["rollout"].values():
+        for key in [k for k in figures if k.endswith("_turns")]:
+            del figures[key]
+    old_block = performance_markdown(old)
+    assert f"| {hc['rollout_vs_limit']:.2f} | ≥ 0.7 |" in old_block and "measured in turns" not in old_block
 
 
 def test_bench_refusals_are_one_line_and_touch_nothing(tmp_path, cli):

@@ -194,7 +194,6 @@ def test_locomotion_presets_train_a_few_iterations(preset_runs, family, algorith
     for row in RunDir(out).read_metrics():
         if optimizer == "trpo":
             assert 0 <= row["trpo_ls_steps"] <= saved["outer"]["trpo"]["ls_max_steps"]
-            assert row["trpo_ls_steps"] >= 1 or not row["trpo_accepted"]  # 0: no finite step to try
             assert not row["trpo_accepted"] or 0 <= row["trpo_kl"] <= saved["outer"]["trpo"]["max_kl"]
         else:
             assert row["trpo_ls_steps"] is None and row["trpo_accepted"] is None

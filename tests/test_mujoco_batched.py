@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from metaray.bench.speed import mj_step_meter
 from metaray.config import load_config
 from metaray.core.rollout import collect
 from metaray.core.task_worker import TaskWorker
 from metaray.tasks import make_family
 from metaray.tasks.batched import EnvList
-from metaray.tasks.mujoco_batched import BatchedLocomotion, mj_step_meter
+from metaray.tasks.mujoco_batched import BatchedLocomotion
 
 
 def _policy_like_actions(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

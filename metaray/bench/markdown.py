@@ -54,10 +54,12 @@ def _sampling(b: dict[str, Any]) -> list[str]:
     lines.append(f"| RL² trials, navigation2d, {x['parallel_trials']} parallel trials (against the MLP sampler above) "
                  f"| {_n(r['navigation2d']['rollout_steps_per_s'])} | {_n(x['trial_steps_per_s'])} | "
                  f"{x['vs_mlp_rollout']:.2f} | |")
-    if "rollout_vs_limit_turns" in r["halfcheetah"]:
-        lines += ["", "Each sampler and its limit are measured in turns, three each in rotation, so that the VM's "
-                  "drift over seconds falls on both alike; the ratio is of their totals, in brackets the range "
-                  "of the turns' ratios."]
+    turns = r["halfcheetah"].get("rollout_vs_limit_turns")
+    if turns:
+        lines += ["", f"Each sampler and its limit (not the RL² row) are measured in turns, {len(turns)} each in "
+                  "rotation, so that the VM's drift over seconds falls on both alike; the ratio is of their totals, "
+                  "in brackets the range of the turns' ratios (turns differ in length, so the total can lie "
+                  "outside it)."]
     return lines
 
 

@@ -3,6 +3,7 @@ against their arithmetic, and real training runs' phase breakdown (on the connec
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -21,10 +22,12 @@ from metaray.training.run_dir import RunDir
 
 Meter = Callable[[float], tuple[int, float]]
 """Measures for about ``seconds`` (at least one whole batch): (env steps done, seconds taken). Made
-once, so its set-up (envs, policy, warm caches) is outside every measurement."""
+once, so its set-up (envs, policy, model) is outside every measurement."""
 
 
 def _run_for(seconds: float, step: Callable[[], int]) -> tuple[int, float]:
+    """``step`` (one batch, returning its env steps) until ``seconds`` have passed: whole batches,
+    so a rate never counts part of one."""
     steps, start = 0, time.perf_counter()
     while True:
         steps += step()
@@ -37,17 +40,44 @@ def interleaved(meters: dict[str, Meter], seconds: float, rounds: int = 3) -> di
     """Each meter for ``seconds`` in all, in ``rounds`` turns taken in rotation: a shared VM's speed
     drifts over seconds, and in rotation the drift falls on every meter alike, so their ratios
     measure the code rather than when each ran. Per meter: the total rate and each turn's."""
-    done = {name: [] for name in meters}
+    taken: dict[str, list[tuple[int, float]]] = {name: [] for name in meters}
     for _ in range(rounds):
         for name, meter in meters.items():
-            done[name].append(meter(seconds / rounds))
+            taken[name].append(meter(seconds / rounds))
     return {name: {"steps_per_s": sum(n for n, _ in turns) / sum(t for _, t in turns),
-                   "turns_steps_per_s": [n / t for n, t in turns]} for name, turns in done.items()}
+                   "turns_steps_per_s": [n / t for n, t in turns]} for name, turns in taken.items()}
 
 
 def _ratios(figures: dict[str, dict[str, Any]], of: str, to: str) -> list[float]:
     """Turn by turn, ``of``'s rate over ``to``'s (the spread the total ratio hides)."""
     return [a / b for a, b in zip(figures[of]["turns_steps_per_s"], figures[to]["turns_steps_per_s"])]
+
+
+def mj_step_meter(env_id: str, horizon: int = 100) -> Meter:
+    """The physics alone: one MjData stepped with the env's frame skip under uniform random
+    controls (drawn beforehand), reset every ``horizon`` steps; no observation, reward,
+    policy or reset noise. What a MuJoCo sampler on one core could at best approach."""
+    import gymnasium as gym
+    import mujoco
+
+    from metaray.tasks.mujoco_batched import Physics
+
+    env = gym.make(env_id)
+    physics = Physics.from_env(env)
+    env.close()
+    m, frame_skip = physics.model, physics.frame_skip
+    d = mujoco.MjData(m)
+    low, high = m.actuator_ctrlrange.T
+    controls = iter(itertools.cycle(np.random.default_rng(0).uniform(low, high, size=(8, horizon, m.nu))))
+
+    def episode() -> int:
+        mujoco.mj_resetData(m, d)
+        for control in next(controls):
+            d.ctrl[:] = control
+            mujoco.mj_step(m, d, frame_skip)
+        return horizon
+
+    return lambda seconds: _run_for(seconds, episode)
 
 
 def limit_meter(config: Config) -> Meter:
@@ -117,8 +147,8 @@ def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
     flat, rng = flatten(runner.template).numpy(), np.random.default_rng(0)
 
     def trials() -> int:
-        (done,), _ = sample_trials(runner, flat, [(0, task, rng)], config.rl2.episodes_per_trial)
-        return done.steps
+        (sampled,), _ = sample_trials(runner, flat, [(0, task, rng)], config.rl2.episodes_per_trial)
+        return sampled.steps
 
     steps, elapsed = _run_for(seconds, trials)
     return steps / elapsed
@@ -188,7 +218,6 @@ def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[s
     ``mj_step`` loop on one core with the env's frame skip (no observation, reward or policy),
     measured interleaved."""
     from metaray.runtime.learner import split_calls
-    from metaray.tasks.mujoco_batched import mj_step_meter
 
     groups = task_groups(config.outer.meta_batch_size, config.rollout.task_group_size)
     share = max(map(len, split_calls(groups, config.resources.num_workers, config.resources.batch_tasks)))

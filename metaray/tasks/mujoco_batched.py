@@ -22,7 +22,6 @@ episode for Ant's observation and contact cost.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -172,34 +171,3 @@ class BatchedLocomotion:
 
     def close(self) -> None:
         """Nothing to release: the MjData go with this object."""
-
-
-def mj_step_meter(env_id: str, *, horizon: int = 100) -> Callable[[float], tuple[int, float]]:
-    """The physics alone: one MjData stepped with the env's frame skip under uniform random
-    controls (drawn beforehand), reset every ``horizon`` steps; no observation, reward,
-    policy or reset noise. What a sampler on one core could at best approach. Returns a
-    meter: seconds -> (env steps, seconds taken), at least one episode."""
-    env = gym.make(env_id)
-    physics = Physics.from_env(env)
-    env.close()
-    m, frame_skip = physics.model, physics.frame_skip
-    d = mujoco.MjData(m)
-    low, high = m.actuator_ctrlrange.T
-    episodes = np.random.default_rng(0).uniform(low, high, size=(8, horizon, m.nu))
-    done = 0
-
-    def meter(seconds: float) -> tuple[int, float]:
-        nonlocal done
-        steps, start = 0, time.perf_counter()
-        while True:
-            mujoco.mj_resetData(m, d)
-            for control in episodes[(done // horizon) % len(episodes)]:
-                d.ctrl[:] = control
-                mujoco.mj_step(m, d, frame_skip)
-            steps, done = steps + horizon, done + horizon
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return steps, elapsed
-
-    return meter
-

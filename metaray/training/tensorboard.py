@@ -22,6 +22,7 @@ TAGS = {
     "grad_norm": "losses/grad_norm",
     "trpo_kl": "losses/trpo_kl",
     "trpo_ls_steps": "losses/trpo_ls_steps",
+    "trpo_accepted": "losses/trpo_accepted",
     "rejected_results": "faults/rejected_results",
     "worker_failures": "faults/worker_failures",
     "task_retries": "faults/task_retries",
