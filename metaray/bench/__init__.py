@@ -17,7 +17,6 @@ import torch
 from metaray.bench.speed import (
     classic_sampling,
     group_sampling_speed,
-    interleaved,
     mujoco_sampling,
     training_speed,
     trial_steps_per_s,
@@ -28,7 +27,7 @@ from metaray.config import load_config
 from metaray.core.policy import flatten
 from metaray.core.task_worker import TaskWorker
 
-__all__ = ["classic_sampling", "group_sampling_speed", "interleaved", "machine", "mujoco_sampling",
+__all__ = ["classic_sampling", "group_sampling_speed", "machine", "mujoco_sampling",
            "run_bench", "table_write_speed", "training_speed", "trial_steps_per_s", "trpo_products"]
 
 REFERENCE = {

@@ -68,7 +68,7 @@ def mj_step_meter(env_id: str, horizon: int = 100) -> Meter:
     m, frame_skip = physics.model, physics.frame_skip
     d = mujoco.MjData(m)
     low, high = m.actuator_ctrlrange.T
-    controls = iter(itertools.cycle(np.random.default_rng(0).uniform(low, high, size=(8, horizon, m.nu))))
+    controls = itertools.cycle(np.random.default_rng(0).uniform(low, high, size=(8, horizon, m.nu)))
 
     def episode() -> int:
         mujoco.mj_resetData(m, d)
@@ -114,24 +114,9 @@ def limit_meter(config: Config) -> Meter:
     return lambda seconds: _run_for(seconds, episodes)
 
 
-def rollout_meter(config: Config) -> Meter:
-    """The worker's real sampling path (episodes, buffers, baseline, advantages), no Ray."""
-    runner = TaskWorker(config)
-    task = runner.family.sample_tasks(1, np.random.default_rng(0))[0]
-    env = runner.make_envs(task)
-    rng = np.random.default_rng(0)
-
-    def batch() -> int:
-        b = Batch(env, rng)
-        runner.sample([runner.template], [b])
-        return b.episodes.steps
-
-    return lambda seconds: _run_for(seconds, batch)
-
-
 def classic_sampling(config: Config, seconds: float = 2.0) -> dict[str, Any]:
     """The worker's sampling path on a classic family against its limit, measured interleaved."""
-    f = interleaved({"limit": limit_meter(config), "rollout": rollout_meter(config)}, seconds)
+    f = interleaved({"limit": limit_meter(config), "rollout": group_meter(config, 1, 1)}, seconds)
     limit, rollout = f["limit"]["steps_per_s"], f["rollout"]["steps_per_s"]
     return {"parallel_episodes": config.inner.episodes, "limit_steps_per_s": limit, "rollout_steps_per_s": rollout,
             "rollout_vs_limit": rollout / limit, "rollout_vs_limit_turns": _ratios(f, "rollout", "limit")}
@@ -155,7 +140,8 @@ def trial_steps_per_s(config: Config, seconds: float = 2.0) -> float:
 
 
 def group_meter(config: Config, tasks: int, size: int) -> Meter:
-    """One worker's share of ``tasks`` tasks sampled with ``size`` tasks in each policy forward."""
+    """The worker's real sampling path (episodes, buffers, baseline, advantages; no Ray) on ``tasks``
+    tasks, ``size`` of them in each policy forward: one task's batch with (1, 1), a worker's share."""
     runner = TaskWorker(config)
     jobs = [(task, np.random.default_rng(i)) for i, task in
             enumerate(runner.family.sample_tasks(tasks, np.random.default_rng(0)))]
@@ -221,7 +207,8 @@ def mujoco_sampling(config: Config, env_id: str, seconds: float = 2.0) -> dict[s
 
     groups = task_groups(config.outer.meta_batch_size, config.rollout.task_group_size)
     share = max(map(len, split_calls(groups, config.resources.num_workers, config.resources.batch_tasks)))
-    f = interleaved({"limit": mj_step_meter(env_id, horizon=config.rollout.horizon), "rollout": rollout_meter(config),
+    f = interleaved({"limit": mj_step_meter(env_id, horizon=config.rollout.horizon),
+                     "rollout": group_meter(config, 1, 1),
                      # As training samples: a worker's share of the meta-batch stepped together, a policy
                      # forward per task group (one task alone pays a whole forward per step by itself).
                      "share": group_meter(config, share, config.rollout.task_group_size)}, seconds)
